@@ -1,0 +1,49 @@
+"""zetta_ray: a Ray actor runtime for training Mixture-of-Experts models.
+
+import zetta_ray as zr
+
+model = zr.MoETransformer(zr.MoEConfig(n_experts=8))
+with zr.mesh(expert=4):
+    dmodel = zr.parallelize(model, zr.ExpertParallel(degree=4))
+opt = dmodel.optimizer(torch.optim.AdamW, lr=3e-3)
+for x, y in batches:
+    opt.zero_grad()
+    logits, loss = dmodel(x, y)
+    loss.backward()
+    opt.step()
+"""
+
+from zetta_ray import errors
+from zetta_ray.api import (
+    DistributedModule,
+    DistributedOptimizer,
+    ExpertParallel,
+    Mesh,
+    current_mesh,
+    init,
+    mesh,
+    parallelize,
+)
+from zetta_ray.config import MoEConfig, RuntimeConfig, TrainConfig
+from zetta_ray.experts import ExpertFFN, MoELayer
+from zetta_ray.models import MoETransformer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DistributedModule",
+    "DistributedOptimizer",
+    "ExpertFFN",
+    "ExpertParallel",
+    "Mesh",
+    "MoEConfig",
+    "MoELayer",
+    "MoETransformer",
+    "RuntimeConfig",
+    "TrainConfig",
+    "current_mesh",
+    "errors",
+    "init",
+    "mesh",
+    "parallelize",
+]

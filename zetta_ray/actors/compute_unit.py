@@ -1,0 +1,177 @@
+"""ComputeUnit: the actor that hosts experts.
+
+A unit owns its experts' parameters, their gradients and their optimizer state; none of these ever leave
+it except as a snapshot. Forward keeps what backward needs under a key (step, layer, micro-batch);
+backward accumulates parameter gradients here and returns only input gradients; ``step`` applies the
+unit's own optimizer.
+
+Expert keys are ``(layer, expert)``; in state dicts a parameter is named ``"{layer}.{expert}.{name}"``.
+Shape legend: N = rows sent to this unit (its experts' rows, grouped by expert), D = model dim
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from torch import nn
+
+from zetta_ray.actors.wire import from_wire, to_wire
+
+__all__ = ["ComputeUnit", "ComputeUnitActor"]
+
+ExpertKey = tuple[int, int]
+SaveKey = tuple[int, int, int]  # (step, layer, micro-batch)
+
+
+def _tree_to_wire(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return to_wire(obj.clone())
+    if isinstance(obj, dict):
+        return {k: _tree_to_wire(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_tree_to_wire(v) for v in obj)
+    return obj
+
+
+def _tree_from_wire(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, dict):
+        return {k: _tree_from_wire(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_tree_from_wire(v) for v in obj)
+    return obj
+
+
+class ComputeUnit:
+    """Hosts the experts ``skeletons`` names. Skeletons are modules on the meta device (structure only);
+    weights arrive through ``load_state_dict``."""
+
+    def __init__(self, unit_id: int, skeletons: dict[ExpertKey, nn.Module], threads: int = 1):
+        torch.set_num_threads(threads)
+        self.unit_id = unit_id
+        self.experts: dict[ExpertKey, nn.Module] = {
+            key: skel.to_empty(device="cpu") for key, skel in sorted(skeletons.items())
+        }
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.steps_applied = 0
+        self._saved: dict[SaveKey, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._delays: dict[str, list[float]] = {}
+
+    # -- dataflow -----------------------------------------------------------------------------------
+
+    def forward(
+        self, key: SaveKey, experts: list[int], counts: list[int], x_ND: np.ndarray, keep: bool
+    ) -> np.ndarray:
+        """Run the listed experts of layer ``key[1]`` on their rows (``counts`` rows each, in order)."""
+        self._maybe_delay("forward")
+        layer = key[1]
+        x = from_wire(x_ND)
+        with torch.enable_grad() if keep else torch.no_grad():
+            if keep:
+                x = x.detach().requires_grad_()
+            chunks = x.split(counts)
+            y = torch.cat([self.experts[(layer, e)](c) for e, c in zip(experts, chunks, strict=True)])
+        if keep:
+            self._saved[key] = (x, y)
+        return to_wire(y.detach())
+
+    def backward(self, key: SaveKey, dy_ND: np.ndarray) -> np.ndarray:
+        """Accumulate parameter gradients for the forward under ``key``; return its input gradients."""
+        self._maybe_delay("backward")
+        try:
+            x, y = self._saved.pop(key)
+        except KeyError:
+            raise RuntimeError(
+                f"unit {self.unit_id} holds no activations for (step, layer, micro-batch)={key}: backward "
+                "ran twice for one forward, or after the optimizer step that ended its step"
+            ) from None
+        y.backward(from_wire(dy_ND))
+        return to_wire(x.grad)
+
+    # -- optimizer ----------------------------------------------------------------------------------
+
+    def set_optimizer(self, optimizer_cls: type[torch.optim.Optimizer], kwargs: dict[str, Any]) -> None:
+        params = [p for key in sorted(self.experts) for p in self.experts[key].parameters()]
+        self.optimizer = optimizer_cls(params, **kwargs)
+
+    def zero_grad(self) -> None:
+        for expert in self.experts.values():
+            expert.zero_grad(set_to_none=True)
+
+    def step(self, step: int) -> int:
+        """Apply this unit's optimizer for ``step`` and drop activations no backward will use."""
+        self._maybe_delay("optimizer")
+        if self.optimizer is None:
+            raise RuntimeError(f"unit {self.unit_id}: step({step}) before set_optimizer")
+        self.optimizer.step()
+        self.steps_applied += 1
+        self._saved = {k: v for k, v in self._saved.items() if k[0] > step}
+        return self.steps_applied
+
+    # -- state --------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {
+            f"{layer}.{expert}.{name}": to_wire(t.clone())
+            for (layer, expert), module in self.experts.items()
+            for name, t in module.state_dict().items()
+        }
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        expected = set(self.state_dict_keys())
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise KeyError(
+                f"unit {self.unit_id}: state dict mismatch, missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}"
+            )
+        with torch.no_grad():
+            for (layer, expert), module in self.experts.items():
+                for name, t in module.state_dict(keep_vars=True).items():
+                    t.copy_(from_wire(state[f"{layer}.{expert}.{name}"]))
+
+    def state_dict_keys(self) -> list[str]:
+        return [
+            f"{layer}.{expert}.{name}"
+            for (layer, expert), module in self.experts.items()
+            for name in module.state_dict()
+        ]
+
+    def optimizer_state_dict(self) -> dict[str, Any]:
+        if self.optimizer is None:
+            return {}
+        return _tree_to_wire(self.optimizer.state_dict())
+
+    def load_optimizer_state_dict(self, state: dict[str, Any]) -> None:
+        if self.optimizer is None:
+            raise RuntimeError(f"unit {self.unit_id}: load_optimizer_state_dict before set_optimizer")
+        self.optimizer.load_state_dict(_tree_from_wire(state))
+
+    # -- control ------------------------------------------------------------------------------------
+
+    def ping(self) -> dict[str, Any]:
+        return {
+            "unit": self.unit_id,
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "steps_applied": self.steps_applied,
+            "saved": len(self._saved),
+        }
+
+    def inject_delay(self, phase: str, seconds: float, times: int = 1) -> None:
+        """Fault injection: the next ``times`` calls of ``phase`` sleep ``seconds`` first."""
+        self._delays[phase] = [seconds] * times
+
+    def _maybe_delay(self, phase: str) -> None:
+        pending = self._delays.get(phase)
+        if pending:
+            time.sleep(pending.pop())
+
+
+ComputeUnitActor = ray.remote(max_restarts=0, max_task_retries=0)(ComputeUnit)

@@ -1,0 +1,206 @@
+"""``zr.parallelize``: turn a PyTorch MoE model into one whose experts run on Ray actors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from zetta_ray.actors.wire import to_wire
+from zetta_ray.api.cluster import init
+from zetta_ray.api.mesh import ExpertParallel, Mesh, current_mesh
+from zetta_ray.api.optim import DistributedOptimizer
+from zetta_ray.config import RuntimeConfig
+from zetta_ray.errors import ConfigError, UnsupportedError
+from zetta_ray.experts.moe import MoELayer
+from zetta_ray.runtime import ExpertRuntime, RemoteExperts
+
+__all__ = ["DistributedModule", "parallelize"]
+
+
+class DistributedModule:
+    """A model whose MoE experts live on ComputeUnit actors; everything else stays in this process.
+
+    Call it as you would call the wrapped module. ``parameters()`` are the local (dense) parameters;
+    ``state_dict()`` gathers the whole model under the wrapped module's own keys. Close it (or use it as a
+    context manager) to release its actors.
+    """
+
+    def __init__(self, module: nn.Module, strategy: ExpertParallel, runtime: RuntimeConfig | None = None):
+        self.strategy = strategy
+        self.runtime_config = runtime or RuntimeConfig()
+        layers = [(name, m) for name, m in module.named_modules() if isinstance(m, MoELayer)]
+        if not layers:
+            raise ConfigError(
+                f"{type(module).__name__} has no zr.MoELayer; zr.parallelize distributes the experts of "
+                "MoELayer modules (build the model's MoE blocks from zetta_ray.experts.MoELayer)"
+            )
+        for name, layer in layers:
+            if layer.n_experts % strategy.degree:
+                raise ConfigError(
+                    f"ExpertParallel(degree={strategy.degree}) must divide the number of experts "
+                    f"({layer.n_experts}) of MoE layer {name!r}; choose a degree among the divisors of "
+                    f"{layer.n_experts}"
+                )
+        init()
+        self._keys = list(module.state_dict().keys())
+        self._expert_prefix = {i: f"{name}.experts." for i, (name, _) in enumerate(layers)}
+        self._runtime = ExpertRuntime.launch(
+            [list(layer.experts) for _, layer in layers], strategy.degree, self.runtime_config
+        )
+        for i, (_, layer) in enumerate(layers):
+            layer.experts = nn.ModuleList()  # the experts now live on the units
+            layer.executor = RemoteExperts(self._runtime, i)
+        self.module = module
+        self._closed = False
+
+    # -- what the training loop uses -----------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_open()
+        return self.module(*args, **kwargs)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return self.module.parameters()
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return self.module.named_parameters()
+
+    def train(self, mode: bool = True) -> DistributedModule:
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> DistributedModule:
+        return self.train(False)
+
+    def optimizer(self, optimizer_cls: type[torch.optim.Optimizer], **kwargs: Any) -> DistributedOptimizer:
+        """An optimizer of ``optimizer_cls(**kwargs)`` over the local parameters here and one per unit."""
+        self._check_open()
+        self._runtime.set_optimizer(optimizer_cls, kwargs)
+        return DistributedOptimizer(optimizer_cls(self.module.parameters(), **kwargs), self._runtime)
+
+    # -- state ----------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The full model state with exactly the wrapped module's keys, expert weights gathered."""
+        self._check_open()
+        local = self.module.state_dict()
+        for name, value in self._runtime.state_dict().items():
+            layer, rest = name.split(".", 1)
+            local[self._expert_prefix[int(layer)] + rest] = torch.from_numpy(np.array(value))
+        return {key: local[key] for key in self._keys}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self._check_open()
+        missing, unexpected = set(self._keys) - set(state_dict), set(state_dict) - set(self._keys)
+        if missing or unexpected:
+            raise KeyError(
+                f"state dict does not match the model: missing {sorted(missing)[:5]}, unexpected "
+                f"{sorted(unexpected)[:5]}"
+            )
+        local, remote = {}, {}
+        for key, value in state_dict.items():
+            layer = next((i for i, p in self._expert_prefix.items() if key.startswith(p)), None)
+            if layer is None:
+                local[key] = value
+            else:
+                remote[f"{layer}.{key[len(self._expert_prefix[layer]) :]}"] = to_wire(value.detach().cpu())
+        self.module.load_state_dict(local)
+        self._runtime.load_state_dict(remote)
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken so far."""
+        return self._runtime.step
+
+    def units(self) -> list[dict[str, Any]]:
+        """One record per ComputeUnit: unit id, process id, node id, steps applied."""
+        self._check_open()
+        return self._runtime.ping()
+
+    # -- lifetime -------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Kill every actor of this module. Safe to call twice."""
+        if not self._closed:
+            self._closed = True
+            self._runtime.close()
+
+    def __enter__(self) -> DistributedModule:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this DistributedModule is closed; its experts are gone")
+
+
+def _resolve_strategy(strategy: ExpertParallel | None) -> ExpertParallel:
+    m: Mesh | None = current_mesh()
+    if m is not None and (m.data > 1 or m.pipeline > 1):
+        raise UnsupportedError(
+            f"zr.mesh(data={m.data}, pipeline={m.pipeline}): this version of zetta_ray runs expert "
+            "parallelism only; use data=1 and pipeline=1"
+        )
+    if strategy is None:
+        if m is None:
+            raise ConfigError(
+                "zr.parallelize needs a strategy: pass strategy=zr.ExpertParallel(degree=E) or call it "
+                "inside zr.mesh(expert=E)"
+            )
+        return ExpertParallel(degree=m.expert)
+    if not isinstance(strategy, ExpertParallel):
+        raise ConfigError(f"strategy={strategy!r} is not supported; use zr.ExpertParallel(degree=E)")
+    if m is not None and m.expert != strategy.degree:
+        raise ConfigError(
+            f"ExpertParallel(degree={strategy.degree}) does not match the enclosing "
+            f"zr.mesh(expert={m.expert}); make them equal"
+        )
+    return strategy
+
+
+def _decorate(cls: type[nn.Module], strategy: ExpertParallel | None, runtime: RuntimeConfig | None) -> type:
+    class Parallelized(cls):  # type: ignore[misc, valid-type]
+        def __new__(klass, *args: Any, **kwargs: Any) -> Any:
+            module = cls(*args, **kwargs)  # a plain instance: Parallelized.__init__ never runs
+            if current_mesh() is None:
+                return module
+            return DistributedModule(module, _resolve_strategy(strategy), runtime)
+
+    Parallelized.__name__ = cls.__name__
+    Parallelized.__qualname__ = cls.__qualname__
+    Parallelized.__module__ = cls.__module__
+    Parallelized.__doc__ = cls.__doc__
+    return Parallelized
+
+
+def parallelize(
+    module: nn.Module | type | None = None,
+    strategy: ExpertParallel | None = None,
+    *,
+    runtime: RuntimeConfig | None = None,
+) -> Any:
+    """Distribute a module's experts over compute units.
+
+    Three forms:
+
+    * ``zr.parallelize(model, zr.ExpertParallel(degree=4))`` returns a ``DistributedModule``.
+    * ``@zr.parallelize(strategy=zr.ExpertParallel(degree=4))`` on a class: instances built inside
+      ``zr.mesh(...)`` come out distributed; outside a mesh they are plain modules.
+    * Inside ``zr.mesh(expert=E)`` the strategy may be left out: ``ExpertParallel(degree=E)``.
+
+    The module is modified in place: its experts move to the units. Take ``state_dict()`` from the
+    returned ``DistributedModule``.
+    """
+    if module is None:
+        return lambda target: parallelize(target, strategy, runtime=runtime)
+    if isinstance(module, type):
+        return _decorate(module, strategy, runtime)
+    if isinstance(module, DistributedModule):
+        raise ConfigError("this module is already distributed; parallelize the plain nn.Module once")
+    return DistributedModule(module, _resolve_strategy(strategy), runtime)

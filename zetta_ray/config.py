@@ -1,0 +1,143 @@
+"""Configuration dataclasses. Keyword-only, validated in ``__post_init__``.
+
+Every check raises ``ConfigError`` (a ``ValueError``) naming the field, the value and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from zetta_ray.errors import ConfigError
+
+__all__ = ["MoEConfig", "RuntimeConfig", "TrainConfig", "from_mapping"]
+
+
+def _check(ok: bool, cls: str, field: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{cls}.{field}={value!r} is invalid: {fix}")
+
+
+def _positive_int(cls: str, name: str, value: Any) -> None:
+    _check(
+        isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        cls,
+        name,
+        value,
+        "must be a positive integer",
+    )
+
+
+@dataclass(kw_only=True, slots=True)
+class MoEConfig:
+    """Shape of the MoE transformer language model (``zr.MoETransformer``).
+
+    ``capacity_factor=None`` routes dropless: every token reaches its top-k experts. A number gives each
+    expert room for ``ceil(capacity_factor * tokens * top_k / n_experts)`` rows; assignments past that are
+    dropped (first choices are served before second choices, then by token position).
+    """
+
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_experts: int = 8
+    top_k: int = 2
+    d_ff: int = 512
+    seq_len: int = 128
+    capacity_factor: float | None = None
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        c = "MoEConfig"
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_experts", "top_k", "d_ff", "seq_len"):
+            _positive_int(c, name, getattr(self, name))
+        _check(
+            self.d_model % self.n_heads == 0,
+            c,
+            "d_model",
+            self.d_model,
+            f"must be divisible by n_heads ({self.n_heads}); pick d_model as a multiple of n_heads",
+        )
+        _check(
+            self.top_k <= self.n_experts,
+            c,
+            "top_k",
+            self.top_k,
+            f"must be <= n_experts ({self.n_experts})",
+        )
+        _check(
+            self.capacity_factor is None
+            or (isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0),
+            c,
+            "capacity_factor",
+            self.capacity_factor,
+            "must be a positive number, or None for dropless routing",
+        )
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            v = getattr(self, name)
+            _check(isinstance(v, (int, float)) and v >= 0, c, name, v, "must be a number >= 0")
+        _check(self.init_std > 0, c, "init_std", self.init_std, "must be > 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class RuntimeConfig:
+    """How the dataflow runtime talks to its actors.
+
+    ``deadline_s`` bounds every remote call. It must exceed the slowest legitimate call (one expert's
+    forward or backward plus transfer); too small turns a slow step into a false fault, too large delays
+    the detection of a stalled unit. ``start_deadline_s`` bounds actor start-up, which includes importing
+    torch in a fresh worker process.
+    """
+
+    deadline_s: float = 60.0
+    start_deadline_s: float = 180.0
+    threads_per_unit: int = 1
+    unit_num_cpus: float | None = None
+
+    def __post_init__(self) -> None:
+        c = "RuntimeConfig"
+        for name in ("deadline_s", "start_deadline_s"):
+            v = getattr(self, name)
+            _check(isinstance(v, (int, float)) and v > 0, c, name, v, "must be a number of seconds > 0")
+        _positive_int(c, "threads_per_unit", self.threads_per_unit)
+        _check(
+            self.unit_num_cpus is None or self.unit_num_cpus >= 0,
+            c,
+            "unit_num_cpus",
+            self.unit_num_cpus,
+            "must be >= 0, or None to share the cluster's CPUs evenly among the units",
+        )
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """The ``zetta-ray train`` loop."""
+
+    steps: int = 50
+    batch_size: int = 8
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    expert_degree: int = 4
+    data_dir: str | None = None
+    corpus_bytes: int = 4_000_000
+
+    def __post_init__(self) -> None:
+        c = "TrainConfig"
+        for name in ("steps", "batch_size", "expert_degree", "corpus_bytes"):
+            _positive_int(c, name, getattr(self, name))
+        _check(self.lr > 0, c, "lr", self.lr, "must be > 0")
+        _check(self.weight_decay >= 0, c, "weight_decay", self.weight_decay, "must be >= 0")
+        _check(isinstance(self.seed, int) and self.seed >= 0, c, "seed", self.seed, "must be an integer >= 0")
+
+
+def from_mapping(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Build ``cls`` from a mapping (a TOML table), rejecting keys that ``cls`` does not have."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in [{where}]; {cls.__name__} accepts {sorted(known)}")
+    return cls(**values)

@@ -1,0 +1,6 @@
+"""The asynchronous dataflow runtime: ObjectRefs, deadlines, the autograd bridge."""
+
+from zetta_ray.runtime.bridge import RemoteExperts
+from zetta_ray.runtime.engine import ExpertRuntime, Layout, Ticket
+
+__all__ = ["ExpertRuntime", "Layout", "RemoteExperts", "Ticket"]

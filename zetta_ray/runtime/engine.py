@@ -1,0 +1,263 @@
+"""The asynchronous dataflow engine between the controller and its ComputeUnit actors.
+
+Every remote call is submitted at once and returns an ObjectRef; the engine waits only when a value is
+needed (the combine needs expert outputs; autograd needs input gradients), and every wait has a deadline.
+Calls whose results nobody needs (zero_grad, the experts' optimizer step) are fire-and-forget: Ray runs
+one caller's calls to one actor in submission order, so the next forward on a unit runs after its step,
+and the engine checks those calls for errors at its next wait.
+
+Shape legend: N = rows grouped by expert, D = model dim, E = experts of one layer
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import torch
+from torch import nn
+
+from zetta_ray.actors.compute_unit import ComputeUnitActor
+from zetta_ray.actors.wire import from_wire, to_wire
+from zetta_ray.config import RuntimeConfig
+from zetta_ray.errors import ConfigError, DeadlineExceeded, UnitFailed
+
+__all__ = ["ExpertRuntime", "Layout", "Ticket"]
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Unit ``u`` hosts experts ``[u * k, (u + 1) * k)`` of every layer, ``k = n_experts / n_units``."""
+
+    n_units: int
+    experts_per_layer: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        for layer, n in enumerate(self.experts_per_layer):
+            if n % self.n_units:
+                raise ConfigError(
+                    f"expert degree ({self.n_units}) must divide the number of experts ({n}) of MoE layer "
+                    f"{layer}; choose a degree among the divisors of {n}"
+                )
+
+    def per_unit(self, layer: int) -> int:
+        return self.experts_per_layer[layer] // self.n_units
+
+    def unit_of(self, layer: int, expert: int) -> int:
+        return expert // self.per_unit(layer)
+
+    def experts_of(self, unit: int) -> list[tuple[int, int]]:
+        return [
+            (layer, e)
+            for layer in range(len(self.experts_per_layer))
+            for e in range(unit * self.per_unit(layer), (unit + 1) * self.per_unit(layer))
+        ]
+
+
+@dataclass(slots=True)
+class _Call:
+    ref: ray.ObjectRef
+    unit: int
+    experts: list[tuple[int, int]]
+    step: int
+    phase: str
+    rows: tuple[int, int] = (0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """What backward needs to find a forward again: its key and which units ran which rows."""
+
+    key: tuple[int, int, int]  # (step, layer, micro-batch)
+    calls: list[_Call] = field(default_factory=list)
+
+
+class ExpertRuntime:
+    """Drives the ComputeUnits of one distributed module."""
+
+    def __init__(self, units: list[Any], layout: Layout, cfg: RuntimeConfig):
+        self.units = units
+        self.layout = layout
+        self.cfg = cfg
+        self.step = 0
+        self._micro_batch: dict[int, itertools.count] = {}
+        self._pending: list[_Call] = []
+
+    @classmethod
+    def launch(
+        cls, experts_by_layer: list[list[nn.Module]], degree: int, cfg: RuntimeConfig
+    ) -> ExpertRuntime:
+        """Start ``degree`` units, hand each its experts' structure, then their weights as numpy."""
+        layout = Layout(degree, tuple(len(experts) for experts in experts_by_layer))
+        num_cpus = cfg.unit_num_cpus
+        if num_cpus is None:  # share the cluster's CPUs so every unit fits, one at most each
+            num_cpus = min(1.0, ray.cluster_resources().get("CPU", 1.0) / degree)
+        units = []
+        for u in range(degree):
+            owned = layout.experts_of(u)
+            skeletons = {(l, e): copy.deepcopy(experts_by_layer[l][e]).to("meta") for l, e in owned}
+            units.append(
+                ComputeUnitActor.options(num_cpus=num_cpus).remote(u, skeletons, cfg.threads_per_unit)
+            )
+        runtime = cls(units, layout, cfg)
+        try:
+            runtime.load_state_dict(
+                {
+                    f"{l}.{e}.{name}": to_wire(t)
+                    for l, experts in enumerate(experts_by_layer)
+                    for e, expert in enumerate(experts)
+                    for name, t in expert.state_dict().items()
+                },
+                deadline_s=cfg.start_deadline_s,
+            )
+        except BaseException:
+            runtime.close()
+            raise
+        return runtime
+
+    # -- dataflow -----------------------------------------------------------------------------------
+
+    def forward(
+        self, layer: int, x_ND: torch.Tensor, counts_E: list[int], keep: bool
+    ) -> tuple[torch.Tensor, Ticket]:
+        """Send each unit its experts' rows at once; wait for all; return outputs in row order."""
+        key = (self.step, layer, next(self._micro_batch.setdefault(layer, itertools.count())))
+        per = self.layout.per_unit(layer)
+        offsets = [0, *itertools.accumulate(counts_E)]
+        x_wire = x_ND.detach()
+        calls = []
+        for u, unit in enumerate(self.units):
+            lo, hi = offsets[u * per], offsets[(u + 1) * per]
+            if hi == lo:
+                continue  # none of this unit's experts received a token: no call
+            experts = [e for e in range(u * per, (u + 1) * per) if counts_E[e] > 0]
+            ref = unit.forward.remote(
+                key, experts, [counts_E[e] for e in experts], to_wire(x_wire[lo:hi]), keep
+            )
+            calls.append(_Call(ref, u, [(layer, e) for e in experts], self.step, "forward", (lo, hi)))
+        outs = self._gather(calls)
+        y_ND = torch.cat([from_wire(o) for o in outs]) if outs else torch.zeros_like(x_wire)
+        return y_ND, Ticket(key, calls)
+
+    def backward(self, ticket: Ticket, dy_ND: torch.Tensor) -> torch.Tensor:
+        step = ticket.key[0]
+        if step != self.step:
+            raise RuntimeError(
+                f"backward of a forward from step {step} after the optimizer moved to step {self.step}: "
+                "call loss.backward() before opt.step()"
+            )
+        dy = dy_ND.detach()
+        calls = [
+            _Call(
+                self.units[c.unit].backward.remote(ticket.key, to_wire(dy[c.rows[0] : c.rows[1]])),
+                c.unit,
+                c.experts,
+                step,
+                "backward",
+                c.rows,
+            )
+            for c in ticket.calls
+        ]
+        outs = self._gather(calls)
+        return torch.cat([from_wire(o) for o in outs]) if outs else torch.zeros_like(dy)
+
+    # -- optimizer ----------------------------------------------------------------------------------
+
+    def set_optimizer(self, optimizer_cls: type[torch.optim.Optimizer], kwargs: dict[str, Any]) -> None:
+        self._gather(self._each("set_optimizer", "control", optimizer_cls, kwargs))
+
+    def zero_grad(self) -> None:
+        self._pending += self._each("zero_grad", "optimizer")
+
+    def step_experts(self) -> None:
+        """Every unit steps its own parameters; nobody waits here (see the module docstring)."""
+        self._pending += self._each("step", "optimizer", self.step)
+        self.step += 1
+        self._micro_batch.clear()
+
+    # -- state --------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"{layer}.{expert}.{name}": ndarray}`` over all units."""
+        merged: dict[str, Any] = {}
+        for part in self._gather(self._each("state_dict", "control")):
+            merged.update(part)
+        return merged
+
+    def load_state_dict(self, state: dict[str, Any], deadline_s: float | None = None) -> None:
+        per_unit: list[dict[str, Any]] = [{} for _ in self.units]
+        for name, value in state.items():
+            layer, expert, _ = name.split(".", 2)
+            per_unit[self.layout.unit_of(int(layer), int(expert))][name] = value
+        calls = [
+            _Call(unit.load_state_dict.remote(part), u, self.layout.experts_of(u), self.step, "control")
+            for u, (unit, part) in enumerate(zip(self.units, per_unit, strict=True))
+        ]
+        self._gather(calls, deadline_s)
+
+    def optimizer_state_dict(self) -> list[dict[str, Any]]:
+        return self._gather(self._each("optimizer_state_dict", "control"))
+
+    def load_optimizer_state_dict(self, states: list[dict[str, Any]]) -> None:
+        if len(states) != len(self.units):
+            raise ValueError(
+                f"optimizer state has {len(states)} unit entries but this module runs {len(self.units)} "
+                "units; load it into a module parallelized with the same expert degree"
+            )
+        calls = [
+            _Call(
+                unit.load_optimizer_state_dict.remote(s), u, self.layout.experts_of(u), self.step, "control"
+            )
+            for u, (unit, s) in enumerate(zip(self.units, states, strict=True))
+        ]
+        self._gather(calls)
+
+    def ping(self) -> list[dict[str, Any]]:
+        return self._gather(self._each("ping", "control"))
+
+    def close(self) -> None:
+        for unit in self.units:
+            ray.kill(unit, no_restart=True)
+        self.units = []
+        self._pending = []
+
+    # -- waiting --------------------------------------------------------------------------------------
+
+    def _each(self, method: str, phase: str, *args: Any) -> list[_Call]:
+        return [
+            _Call(getattr(unit, method).remote(*args), u, self.layout.experts_of(u), self.step, phase)
+            for u, unit in enumerate(self.units)
+        ]
+
+    def _gather(self, calls: list[_Call], deadline_s: float | None = None) -> list[Any]:
+        """Wait for ``calls`` (and any fire-and-forget calls still pending) within the deadline.
+
+        Raises ``DeadlineExceeded`` naming the first late call, or ``UnitFailed`` for a call whose actor
+        died or raised.
+        """
+        deadline_s = self.cfg.deadline_s if deadline_s is None else deadline_s
+        everything = self._pending + calls
+        self._pending = []
+        if not everything:
+            return []
+        refs = [c.ref for c in everything]
+        _, late = ray.wait(refs, num_returns=len(refs), timeout=deadline_s)
+        if late:
+            late_refs = set(late)
+            c = next(c for c in everything if c.ref in late_refs)
+            raise DeadlineExceeded(
+                unit=c.unit, experts=c.experts, step=c.step, phase=c.phase, deadline_s=deadline_s
+            )
+        results = []
+        for c in everything:
+            try:
+                results.append(ray.get(c.ref))
+            except ray.exceptions.RayError as e:
+                cause = getattr(e, "cause", None) or e
+                raise UnitFailed(
+                    unit=c.unit, experts=c.experts, step=c.step, phase=c.phase, cause=cause
+                ) from e
+        return results[len(everything) - len(calls) :]
