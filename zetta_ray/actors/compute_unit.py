@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,7 @@ class ComputeUnit:
         self.steps_applied = 0
         self._saved: dict[SaveKey, tuple[torch.Tensor, torch.Tensor]] = {}
         self._delays: dict[str, list[float]] = {}
+        self.calls: Counter[str] = Counter()  # calls served, by phase
 
     # -- dataflow -----------------------------------------------------------------------------------
 
@@ -69,7 +71,7 @@ class ComputeUnit:
         self, key: SaveKey, experts: list[int], counts: list[int], x_ND: np.ndarray, keep: bool
     ) -> np.ndarray:
         """Run the listed experts of layer ``key[1]`` on their rows (``counts`` rows each, in order)."""
-        self._maybe_delay("forward")
+        self._enter("forward")
         layer = key[1]
         x = from_wire(x_ND)
         with torch.enable_grad() if keep else torch.no_grad():
@@ -83,7 +85,7 @@ class ComputeUnit:
 
     def backward(self, key: SaveKey, dy_ND: np.ndarray) -> np.ndarray:
         """Accumulate parameter gradients for the forward under ``key``; return its input gradients."""
-        self._maybe_delay("backward")
+        self._enter("backward")
         try:
             x, y = self._saved.pop(key)
         except KeyError:
@@ -106,7 +108,7 @@ class ComputeUnit:
 
     def step(self, step: int) -> int:
         """Apply this unit's optimizer for ``step`` and drop activations no backward will use."""
-        self._maybe_delay("optimizer")
+        self._enter("optimizer")
         if self.optimizer is None:
             raise RuntimeError(f"unit {self.unit_id}: step({step}) before set_optimizer")
         self.optimizer.step()
@@ -162,13 +164,16 @@ class ComputeUnit:
             "node_id": ray.get_runtime_context().get_node_id(),
             "steps_applied": self.steps_applied,
             "saved": len(self._saved),
+            "calls": dict(self.calls),
         }
 
     def inject_delay(self, phase: str, seconds: float, times: int = 1) -> None:
         """Fault injection: the next ``times`` calls of ``phase`` sleep ``seconds`` first."""
         self._delays[phase] = [seconds] * times
 
-    def _maybe_delay(self, phase: str) -> None:
+    def _enter(self, phase: str) -> None:
+        """Count the call; sleep first if a delay was injected for this phase."""
+        self.calls[phase] += 1
         pending = self._delays.get(phase)
         if pending:
             time.sleep(pending.pop())
