@@ -5,8 +5,10 @@ The default source is text that every Python installation has: the ``.py`` files
 relative paths and concatenated into one byte stream, capped at ``max_bytes``. Tokens are the bytes
 themselves (vocabulary 256), so no tokenizer is needed and every run sees the same tokens.
 
-The stream is cut into shards: the last ``val_fraction`` of it is held out as the validation shard
-``val-00000.parquet``; the rest is cut into training shards of ``shard_bytes`` each. Each shard is a
+The stream is cut into blocks of 8 KiB; ``val_fraction`` of the blocks, spread evenly over the stream
+(one in twenty for 0.05), are held out as the validation shard ``val-00000.parquet``, so validation text
+is drawn from the same mix of modules as training text. The remaining blocks, in order, are cut into
+training shards of ``shard_bytes`` each. Each shard is a
 Parquet table with one row per piece of a source file:
 
     path: string   (the file, relative to the source root)
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -40,6 +43,7 @@ from zetta_ray.errors import ConfigError
 __all__ = ["Corpus", "CorpusSpec", "Shard", "default_corpus_dir", "ensure_corpus", "source_stream"]
 
 FORMAT = "zetta_ray.corpus/1"
+VAL_BLOCK_BYTES = 8192
 MANIFEST = "manifest.json"
 _SCHEMA = pa.schema([("path", pa.string()), ("offset", pa.int64()), ("data", pa.binary())])
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -130,7 +134,8 @@ def source_stream(spec: CorpusSpec) -> Iterator[tuple[str, int, bytes]]:
 
 
 def _cut(pieces: list[tuple[str, int, bytes]], sizes: list[int]) -> Iterator[list[tuple[str, int, bytes]]]:
-    """Regroup the pieces into consecutive groups of ``sizes[0]``, ``sizes[1]``, ... bytes."""
+    """Regroup the pieces into consecutive groups of ``sizes[0]``, ``sizes[1]``, ... bytes; what is left
+    when the sizes run out (or the last, short, group) comes out as one final group."""
     sizes_left = iter(sizes)
     group: list[tuple[str, int, bytes]] = []
     want = next(sizes_left)
@@ -141,7 +146,9 @@ def _cut(pieces: list[tuple[str, int, bytes]], sizes: list[int]) -> Iterator[lis
             data, offset, want = data[len(take) :], offset + len(take), want - len(take)
             if want == 0:
                 yield group
-                group, want = [], next(sizes_left, 0)
+                group, want = [], next(sizes_left, sys.maxsize)
+    if group:
+        yield group
 
 
 def _write_shard(path: Path, rows: list[tuple[str, int, bytes]]) -> Shard:
@@ -153,20 +160,32 @@ def _write_shard(path: Path, rows: list[tuple[str, int, bytes]]) -> Shard:
     return Shard(name=path.name, split=split, tokens=sum(len(d) for d in datas), sha256=digest)
 
 
+def _held_out(block: int, fraction: float) -> bool:
+    """Whether block ``block`` is validation: spreads ``fraction`` of the blocks evenly over the stream."""
+    return math.floor((block + 1) * fraction) > math.floor(block * fraction)
+
+
 def _build(spec: CorpusSpec, out: Path) -> None:
     pieces = list(source_stream(spec))
     total = sum(len(d) for _, _, d in pieces)
     if total == 0:
         raise ConfigError(f"no .py files under {str(spec.source_root)!r}; the corpus would be empty")
-    val = int(total * spec.val_fraction)
-    n_full, rest = divmod(total - val, spec.shard_bytes)
-    train_sizes = [spec.shard_bytes] * n_full + ([rest] if rest else [])
-    names = [f"train-{i:05d}.parquet" for i in range(len(train_sizes))] + ["val-00000.parquet"] * (val > 0)
-    sizes = train_sizes + [val] * (val > 0)
-    shards = [
-        asdict(_write_shard(out / name, rows)) for name, rows in zip(names, _cut(pieces, sizes), strict=True)
-    ]
-    manifest = {"fingerprint": spec.fingerprint(), "settings": spec.settings(), "shards": shards}
+    train: list[tuple[str, int, bytes]] = []
+    val: list[tuple[str, int, bytes]] = []
+    blocks = _cut(pieces, [VAL_BLOCK_BYTES] * -(-total // VAL_BLOCK_BYTES))
+    for i, block in enumerate(blocks):
+        (val if _held_out(i, spec.val_fraction) else train).extend(block)
+    n_train = sum(len(d) for _, _, d in train)
+    n_full, rest = divmod(n_train, spec.shard_bytes)
+    sizes = [spec.shard_bytes] * n_full + ([rest] if rest else [])
+    shards = [_write_shard(out / f"train-{i:05d}.parquet", rows) for i, rows in enumerate(_cut(train, sizes))]
+    if val:
+        shards.append(_write_shard(out / "val-00000.parquet", val))
+    manifest = {
+        "fingerprint": spec.fingerprint(),
+        "settings": spec.settings(),
+        "shards": [asdict(s) for s in shards],
+    }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 

@@ -1,0 +1,177 @@
+"""The training loop behind ``zetta-ray train``, as a function that tests and examples call too.
+
+It is the loop a researcher would write with the public API, nothing more:
+
+    zr.init(address)
+    torch.manual_seed(seed)
+    model = zr.MoETransformer(model_cfg)
+    with zr.mesh(expert=D):
+        dmodel = zr.parallelize(model, zr.ExpertParallel(degree=D), runtime=runtime_cfg)
+    opt = dmodel.optimizer(torch.optim.AdamW, lr=..., weight_decay=...)
+    for x, y in loader:
+        opt.zero_grad(); logits, loss = dmodel(x, y); loss.backward(); opt.step()
+    dmodel.close()
+
+Data comes from ``zetta_ray.data``: the byte-level standard-library corpus (built once into
+``TrainConfig.data_dir`` or the cache) and a deterministic loader seeded with ``TrainConfig.seed``.
+
+Timing: the experts' optimizer step is fire-and-forget, so a step's wall time includes waiting for the
+previous step's remote updates. Summed over steps it is the true training time; step 0 also pays for
+warm-up (first calls into fresh actor processes).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+import zetta_ray as zr
+from zetta_ray.config import MoEConfig, RuntimeConfig, TrainConfig
+from zetta_ray.data import Corpus, CorpusSpec, TokenLoader, ensure_corpus
+
+__all__ = ["StepMetrics", "TrainResult", "train"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StepMetrics:
+    """One optimizer step: ``loss`` is the model's training loss (cross-entropy plus auxiliary terms)."""
+
+    step: int
+    loss: float
+    step_time_s: float
+    tokens_per_s: float
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainResult:
+    """What a run produced: per-step metrics, the held-out loss, where the data came from and ended."""
+
+    steps: list[StepMetrics]
+    val_loss: float | None
+    wall_time_s: float
+    corpus_dir: str
+    loader_state: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def last_losses_mean(self, n: int = 5) -> float:
+        tail = self.steps[-n:]
+        return sum(m.loss for m in tail) / len(tail)
+
+    def summary(self) -> str:
+        """One line: steps, time, first and final loss, validation loss, throughput."""
+        n = len(self.steps)
+        tokens = sum(m.tokens_per_s * m.step_time_s for m in self.steps)
+        train_time = sum(m.step_time_s for m in self.steps)
+        val = f", val loss {self.val_loss:.3f}" if self.val_loss is not None else ""
+        return (
+            f"trained {n} steps in {self.wall_time_s:.1f} s: loss {self.steps[0].loss:.3f} -> "
+            f"{self.last_losses_mean():.3f} (mean of last {min(5, n)}){val}, "
+            f"{tokens / max(train_time, 1e-9):,.0f} tokens/s"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{"config", "steps": [{step, loss, step_time_s, tokens_per_s}], "val_loss", ...}``."""
+        return {
+            "config": self.config,
+            "steps": [asdict(m) for m in self.steps],
+            "val_loss": self.val_loss,
+            "wall_time_s": self.wall_time_s,
+            "corpus_dir": self.corpus_dir,
+            "loader_state": self.loader_state,
+        }
+
+
+def train(
+    model_cfg: MoEConfig,
+    train_cfg: TrainConfig,
+    runtime_cfg: RuntimeConfig | None = None,
+    *,
+    address: str | None = None,
+    val_batches: int = 4,
+    on_step: Callable[[StepMetrics], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train ``zr.MoETransformer(model_cfg)`` for ``train_cfg.steps`` steps; return the metrics.
+
+    ``address`` goes to ``zr.init`` (``None``: ``RAY_ADDRESS`` or an embedded local cluster; an already
+    connected process keeps its connection). ``on_step`` sees every step's metrics as it finishes (the
+    CLI's progress bar); ``log`` receives a few status lines. After training, the mean loss over
+    ``val_batches`` batches of the held-out shard is reported (``None`` if the corpus has none).
+    """
+    runtime_cfg = runtime_cfg or RuntimeConfig()
+    say = log or (lambda _msg: None)
+    started = time.perf_counter()
+
+    spec = CorpusSpec(max_bytes=train_cfg.corpus_bytes)
+    corpus = ensure_corpus(spec, train_cfg.data_dir)
+    n_train = len(corpus.split("train"))
+    say(f"corpus: {corpus.dir} ({n_train} train shards, {sum(s.tokens for s in corpus.shards):,} tokens)")
+    loader = TokenLoader(
+        corpus, batch_size=train_cfg.batch_size, seq_len=model_cfg.seq_len, seed=train_cfg.seed
+    )
+
+    zr.init(address)
+    torch.manual_seed(train_cfg.seed)
+    model = zr.MoETransformer(model_cfg)
+    degree = train_cfg.expert_degree
+    say(f"starting {degree} compute units for {model_cfg.n_layers} x {model_cfg.n_experts} experts")
+    with zr.mesh(expert=degree):
+        dmodel = zr.parallelize(model, zr.ExpertParallel(degree=degree), runtime=runtime_cfg)
+    try:
+        opt = dmodel.optimizer(torch.optim.AdamW, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        metrics = []
+        tokens_per_step = train_cfg.batch_size * model_cfg.seq_len
+        for step in range(train_cfg.steps):
+            t0 = time.perf_counter()
+            x, y = next(loader)
+            opt.zero_grad()
+            _, loss = dmodel(x, y)
+            loss.backward()
+            opt.step()
+            value = loss.item()
+            dt = time.perf_counter() - t0
+            if not math.isfinite(value):
+                raise zr.errors.ZettaError(
+                    f"loss became {value} at step {step}; lower TrainConfig.lr (now {train_cfg.lr:g})"
+                )
+            m = StepMetrics(step=step, loss=value, step_time_s=dt, tokens_per_s=tokens_per_step / dt)
+            metrics.append(m)
+            if on_step is not None:
+                on_step(m)
+        val_loss = _validate(dmodel, corpus, model_cfg, train_cfg, val_batches)
+    finally:
+        dmodel.close()
+    return TrainResult(
+        steps=metrics,
+        val_loss=val_loss,
+        wall_time_s=time.perf_counter() - started,
+        corpus_dir=str(corpus.dir),
+        loader_state=loader.state().to_dict(),
+        config={"model": asdict(model_cfg), "train": asdict(train_cfg), "runtime": asdict(runtime_cfg)},
+    )
+
+
+def _validate(
+    dmodel: zr.DistributedModule,
+    corpus: Corpus,
+    model_cfg: MoEConfig,
+    train_cfg: TrainConfig,
+    batches: int,
+) -> float | None:
+    if batches <= 0 or sum(s.tokens for s in corpus.split("val")) <= model_cfg.seq_len:
+        return None  # no held-out shard, or one too short for a single window
+    val = TokenLoader(
+        corpus, batch_size=train_cfg.batch_size, seq_len=model_cfg.seq_len, seed=train_cfg.seed, split="val"
+    )
+    dmodel.eval()
+    try:
+        with torch.no_grad():
+            losses = [dmodel(*val.batch(i))[1].item() for i in range(batches)]
+    finally:
+        dmodel.train()
+    return sum(losses) / len(losses)
