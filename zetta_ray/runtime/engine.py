@@ -243,21 +243,27 @@ class ExpertRuntime:
         self._pending = []
         if not everything:
             return []
-        refs = [c.ref for c in everything]
-        _, late = ray.wait(refs, num_returns=len(refs), timeout=deadline_s)
-        if late:
+        try:  # the fast path: one round trip to Ray's core worker
+            results = ray.get([c.ref for c in everything], timeout=deadline_s)
+        except ray.exceptions.GetTimeoutError:
+            _, late = ray.wait([c.ref for c in everything], num_returns=len(everything), timeout=0)
             late_refs = set(late)
             c = next(c for c in everything if c.ref in late_refs)
             raise DeadlineExceeded(
                 unit=c.unit, experts=c.experts, step=c.step, phase=c.phase, deadline_s=deadline_s
-            )
-        results = []
-        for c in everything:
-            try:
-                results.append(ray.get(c.ref))
-            except ray.exceptions.RayError as e:
-                cause = getattr(e, "cause", None) or e
-                raise UnitFailed(
-                    unit=c.unit, experts=c.experts, step=c.step, phase=c.phase, cause=cause
-                ) from e
+            ) from None
+        except ray.exceptions.RayError:
+            for c in everything:  # find the call that failed, to name it
+                try:
+                    ray.get(c.ref, timeout=deadline_s)
+                except ray.exceptions.GetTimeoutError:
+                    raise DeadlineExceeded(
+                        unit=c.unit, experts=c.experts, step=c.step, phase=c.phase, deadline_s=deadline_s
+                    ) from None
+                except ray.exceptions.RayError as e:
+                    cause = getattr(e, "cause", None) or e
+                    raise UnitFailed(
+                        unit=c.unit, experts=c.experts, step=c.step, phase=c.phase, cause=cause
+                    ) from e
+            raise  # unreachable in practice: some call must have failed
         return results[len(everything) - len(calls) :]

@@ -1,0 +1,107 @@
+"""The cost of one remote expert call through zetta_ray against a bare Ray actor call.
+
+Both sides run the same expert (an FFN, d_model=512, d_ff=2048, one torch thread) on the same numpy
+payload and return numpy: the bare side is a minimal Ray actor with one method; the zetta_ray side is
+``ExpertRuntime.forward`` of a one-unit DistributedModule (keyed call, deadline, combine). Prints one
+JSON object per payload size with median latencies and the ratio (zetta_ray / bare; 1.0 = no overhead).
+
+    python benchmarks/dispatch.py [--calls 50] [--warmup 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import ray
+import torch
+
+import zetta_ray as zr
+
+D_MODEL, D_FF = 512, 2048
+
+
+@ray.remote(num_cpus=0)
+class BareExpert:
+    def __init__(self, state: dict[str, np.ndarray]):
+        torch.set_num_threads(1)
+        self.expert = zr.ExpertFFN(D_MODEL, D_FF)
+        self.expert.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+
+    @torch.no_grad()
+    def forward(self, x_ND: np.ndarray) -> np.ndarray:
+        return self.expert(torch.from_numpy(x_ND)).numpy()
+
+
+class OneExpert(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.moe = zr.MoELayer(D_MODEL, D_FF, n_experts=1, top_k=1)
+
+
+def _median_ms(fn, calls: int, warmup: int) -> float:
+    times = []
+    for i in range(warmup + calls):
+        start = time.perf_counter()
+        fn()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=10)
+    args = parser.parse_args()
+    zr.init()
+    torch.manual_seed(0)
+    module = OneExpert()
+    state = {k: v.numpy().copy() for k, v in module.moe.experts[0].state_dict().items()}
+    bare = BareExpert.remote(state)
+    dmodel = zr.parallelize(module, zr.ExpertParallel(degree=1))
+    runtime = dmodel._runtime
+    try:
+        for rows in (16, 256, 2048):
+            x_ND = torch.randn(rows, D_MODEL)
+            x_np = x_ND.numpy()
+            assert np.array_equal(  # same work on both sides
+                ray.get(bare.forward.remote(x_np)), runtime.forward(0, x_ND, [rows], keep=False)[0].numpy()
+            )
+            bare_ms = _median_ms(
+                lambda x_np=x_np: ray.get(bare.forward.remote(x_np)), args.calls, args.warmup
+            )
+            zr_ms = _median_ms(
+                lambda x_ND=x_ND, rows=rows: runtime.forward(0, x_ND, [rows], keep=False),
+                args.calls,
+                args.warmup,
+            )
+            bare_ms2 = _median_ms(
+                lambda x_np=x_np: ray.get(bare.forward.remote(x_np)), args.calls, args.warmup
+            )
+            bare_med = statistics.median([bare_ms, bare_ms2])
+            print(
+                json.dumps(
+                    {
+                        "benchmark": "dispatch",
+                        "rows": rows,
+                        "payload_bytes": int(x_np.nbytes),
+                        "bare_ray_ms": round(bare_med, 3),
+                        "zetta_ray_ms": round(zr_ms, 3),
+                        "ratio": round(zr_ms / bare_med, 3),
+                    }
+                ),
+                flush=True,
+            )
+    finally:
+        dmodel.close()
+        ray.kill(bare)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""One MoE layer's training step: plain single-process PyTorch against zetta_ray with one actor per expert.
+
+Same machine, same run, same data: 8 experts, top-2, 4096 tokens per step, AdamW. Plain PyTorch uses
+``--threads`` torch threads (2 = all cores here); zetta_ray runs each expert in its own ComputeUnit actor
+with one thread. Prints one JSON object per model size with the median step times after warm-up and
+their ratio (zetta_ray / plain; lower is better, 1.0 means no overhead).
+
+    python benchmarks/step_time.py [--steps 7] [--warmup 2] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import zetta_ray as zr
+
+TOKENS = 4096
+N_EXPERTS = 8
+TOP_K = 2
+
+
+class OneMoELayer(torch.nn.Module):
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.moe = zr.MoELayer(d_model, d_ff, N_EXPERTS, TOP_K)
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        y_BSD, aux = self.moe(x_BSD)
+        return y_BSD.square().mean() + 0.01 * aux
+
+
+def _time_steps(model, opt, x, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        opt.zero_grad()
+        loss = model(x)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure(d_model: int, d_ff: int, steps: int, warmup: int, rounds: int, threads: int) -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(1, TOKENS, d_model)
+    plain = OneMoELayer(d_model, d_ff)
+    plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-3)
+    torch.manual_seed(0)
+    dmodel = zr.parallelize(OneMoELayer(d_model, d_ff), zr.ExpertParallel(degree=N_EXPERTS))
+    plain_times, zr_times = [], []
+    try:
+        dopt = dmodel.optimizer(torch.optim.AdamW, lr=1e-3)
+        for _ in range(rounds):  # interleave, so drift on a shared machine hits both sides alike
+            torch.set_num_threads(threads)
+            plain_times += _time_steps(plain, plain_opt, x, warmup + steps)[warmup:]
+            zr_times += _time_steps(dmodel, dopt, x, warmup + steps)[warmup:]
+    finally:
+        dmodel.close()
+    p, z = statistics.median(plain_times), statistics.median(zr_times)
+    return {
+        "benchmark": "step_time",
+        "d_model": d_model,
+        "d_ff": d_ff,
+        "experts": N_EXPERTS,
+        "top_k": TOP_K,
+        "tokens_per_step": TOKENS,
+        "plain_threads": threads,
+        "steps_measured": len(zr_times),
+        "plain_median_s": round(p, 4),
+        "zetta_ray_median_s": round(z, 4),
+        "ratio": round(z / p, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    zr.init()
+    for d_model, d_ff in ((512, 2048), (256, 1024)):
+        print(
+            json.dumps(measure(d_model, d_ff, args.steps, args.warmup, args.rounds, args.threads)), flush=True
+        )
+
+
+if __name__ == "__main__":
+    main()
