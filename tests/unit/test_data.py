@@ -94,6 +94,22 @@ def test_existing_corpus_is_reused_not_rebuilt(small: Corpus, monkeypatch: pytes
     assert ensure_corpus(spec, small.dir).shards == small.shards
 
 
+def test_a_concurrent_build_of_the_same_corpus_is_used(
+    source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = CorpusSpec(source=str(source), max_bytes=10_000, shard_bytes=3_000)
+    final, real_build = tmp_path / "corpus", corpus_mod._build
+
+    def other_process_wins(spec_: CorpusSpec, out: Path) -> None:
+        real_build(spec_, out)
+        monkeypatch.setattr(corpus_mod, "_build", real_build)
+        ensure_corpus(spec_, final)  # finishes and renames into place first
+
+    monkeypatch.setattr(corpus_mod, "_build", other_process_wins)
+    assert ensure_corpus(spec, final).fingerprint == spec.fingerprint()
+    assert [p.name for p in tmp_path.iterdir()] == ["corpus"]
+
+
 def test_default_dir_is_named_by_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert default_corpus_dir(STDLIB) == tmp_path / "zetta_ray" / f"corpus-{STDLIB.fingerprint()}"
