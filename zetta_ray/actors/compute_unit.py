@@ -64,14 +64,21 @@ class ComputeUnit:
         self._saved: dict[SaveKey, tuple[torch.Tensor, torch.Tensor]] = {}
         self._delays: dict[str, list[float]] = {}
         self.calls: Counter[str] = Counter()  # calls served, by phase
+        self._grad_epoch = 0  # how many zero_grad() the controller has issued that we have applied
 
     # -- dataflow -----------------------------------------------------------------------------------
 
     def forward(
-        self, key: SaveKey, experts: list[int], counts: list[int], x_ND: np.ndarray, keep: bool
+        self,
+        key: SaveKey,
+        experts: list[int],
+        counts: list[int],
+        x_ND: np.ndarray,
+        keep: bool,
+        grad_epoch: int = 0,
     ) -> np.ndarray:
         """Run the listed experts of layer ``key[1]`` on their rows (``counts`` rows each, in order)."""
-        self._enter("forward")
+        self._enter("forward", grad_epoch)
         layer = key[1]
         x = from_wire(x_ND)
         with torch.enable_grad() if keep else torch.no_grad():
@@ -83,9 +90,9 @@ class ComputeUnit:
             self._saved[key] = (x, y)
         return to_wire(y.detach())
 
-    def backward(self, key: SaveKey, dy_ND: np.ndarray) -> np.ndarray:
+    def backward(self, key: SaveKey, dy_ND: np.ndarray, grad_epoch: int = 0) -> np.ndarray:
         """Accumulate parameter gradients for the forward under ``key``; return its input gradients."""
-        self._enter("backward")
+        self._enter("backward", grad_epoch)
         try:
             x, y = self._saved.pop(key)
         except KeyError:
@@ -106,9 +113,9 @@ class ComputeUnit:
         for expert in self.experts.values():
             expert.zero_grad(set_to_none=True)
 
-    def step(self, step: int) -> int:
+    def step(self, step: int, grad_epoch: int = 0) -> int:
         """Apply this unit's optimizer for ``step`` and drop activations no backward will use."""
-        self._enter("optimizer")
+        self._enter("optimizer", grad_epoch)
         if self.optimizer is None:
             raise RuntimeError(f"unit {self.unit_id}: step({step}) before set_optimizer")
         self.optimizer.step()
@@ -171,9 +178,14 @@ class ComputeUnit:
         """Fault injection: the next ``times`` calls of ``phase`` sleep ``seconds`` first."""
         self._delays[phase] = [seconds] * times
 
-    def _enter(self, phase: str) -> None:
-        """Count the call; sleep first if a delay was injected for this phase."""
+    def _enter(self, phase: str, grad_epoch: int) -> None:
+        """Count the call; zero gradients the controller has zeroed since our last call (its
+        ``zero_grad`` only bumps ``grad_epoch``, saving a remote call per unit per step); sleep first if
+        a delay was injected for this phase."""
         self.calls[phase] += 1
+        if grad_epoch > self._grad_epoch:
+            self._grad_epoch = grad_epoch
+            self.zero_grad()
         pending = self._delays.get(phase)
         if pending:
             time.sleep(pending.pop())

@@ -2,9 +2,10 @@
 
 Every remote call is submitted at once and returns an ObjectRef; the engine waits only when a value is
 needed (the combine needs expert outputs; autograd needs input gradients), and every wait has a deadline.
-Calls whose results nobody needs (zero_grad, the experts' optimizer step) are fire-and-forget: Ray runs
-one caller's calls to one actor in submission order, so the next forward on a unit runs after its step,
-and the engine checks those calls for errors at its next wait.
+Calls whose results nobody needs (the experts' optimizer step) are fire-and-forget: Ray runs one
+caller's calls to one actor in submission order, so the next forward on a unit runs after its step, and
+the engine checks those calls for errors at its next wait. ``zero_grad`` sends nothing: it bumps a
+gradient epoch that every later call carries, and a unit zeroes its gradients when it sees a new one.
 
 Shape legend: N = rows grouped by expert, D = model dim, E = experts of one layer
 """
@@ -85,6 +86,7 @@ class ExpertRuntime:
         self.step = 0
         self._micro_batch: dict[int, itertools.count] = {}
         self._pending: list[_Call] = []
+        self._grad_epoch = 0
 
     @classmethod
     def launch(
@@ -135,7 +137,7 @@ class ExpertRuntime:
                 continue  # none of this unit's experts received a token: no call
             experts = [e for e in range(u * per, (u + 1) * per) if counts_E[e] > 0]
             ref = unit.forward.remote(
-                key, experts, [counts_E[e] for e in experts], to_wire(x_wire[lo:hi]), keep
+                key, experts, [counts_E[e] for e in experts], to_wire(x_wire[lo:hi]), keep, self._grad_epoch
             )
             calls.append(_Call(ref, u, [(layer, e) for e in experts], self.step, "forward", (lo, hi)))
         outs = self._gather(calls)
@@ -152,7 +154,9 @@ class ExpertRuntime:
         dy = dy_ND.detach()
         calls = [
             _Call(
-                self.units[c.unit].backward.remote(ticket.key, to_wire(dy[c.rows[0] : c.rows[1]])),
+                self.units[c.unit].backward.remote(
+                    ticket.key, to_wire(dy[c.rows[0] : c.rows[1]]), self._grad_epoch
+                ),
                 c.unit,
                 c.experts,
                 step,
@@ -170,11 +174,11 @@ class ExpertRuntime:
         self._gather(self._each("set_optimizer", "control", optimizer_cls, kwargs))
 
     def zero_grad(self) -> None:
-        self._pending += self._each("zero_grad", "optimizer")
+        self._grad_epoch += 1
 
     def step_experts(self) -> None:
         """Every unit steps its own parameters; nobody waits here (see the module docstring)."""
-        self._pending += self._each("step", "optimizer", self.step)
+        self._pending += self._each("step", "optimizer", self.step, self._grad_epoch)
         self.step += 1
         self._micro_batch.clear()
 
