@@ -13,7 +13,7 @@ for x, y in batches:
     opt.step()
 """
 
-from zetta_ray import errors
+from zetta_ray import data, errors
 from zetta_ray.api import (
     DistributedModule,
     DistributedOptimizer,
@@ -42,6 +42,7 @@ __all__ = [
     "RuntimeConfig",
     "TrainConfig",
     "current_mesh",
+    "data",
     "errors",
     "init",
     "mesh",

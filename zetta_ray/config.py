@@ -18,6 +18,10 @@ def _check(ok: bool, cls: str, field: str, value: Any, fix: str) -> None:
         raise ConfigError(f"{cls}.{field}={value!r} is invalid: {fix}")
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _positive_int(cls: str, name: str, value: Any) -> None:
     _check(
         isinstance(value, int) and not isinstance(value, bool) and value > 0,
@@ -69,8 +73,7 @@ class MoEConfig:
             f"must be <= n_experts ({self.n_experts})",
         )
         _check(
-            self.capacity_factor is None
-            or (isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0),
+            self.capacity_factor is None or (_is_number(self.capacity_factor) and self.capacity_factor > 0),
             c,
             "capacity_factor",
             self.capacity_factor,
@@ -78,8 +81,8 @@ class MoEConfig:
         )
         for name in ("aux_loss_coef", "z_loss_coef"):
             v = getattr(self, name)
-            _check(isinstance(v, (int, float)) and v >= 0, c, name, v, "must be a number >= 0")
-        _check(self.init_std > 0, c, "init_std", self.init_std, "must be > 0")
+            _check(_is_number(v) and v >= 0, c, name, v, "must be a number >= 0")
+        _check(_is_number(self.init_std) and self.init_std > 0, c, "init_std", self.init_std, "must be > 0")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -101,10 +104,10 @@ class RuntimeConfig:
         c = "RuntimeConfig"
         for name in ("deadline_s", "start_deadline_s"):
             v = getattr(self, name)
-            _check(isinstance(v, (int, float)) and v > 0, c, name, v, "must be a number of seconds > 0")
+            _check(_is_number(v) and v > 0, c, name, v, "must be a number of seconds > 0")
         _positive_int(c, "threads_per_unit", self.threads_per_unit)
         _check(
-            self.unit_num_cpus is None or self.unit_num_cpus >= 0,
+            self.unit_num_cpus is None or (_is_number(self.unit_num_cpus) and self.unit_num_cpus >= 0),
             c,
             "unit_num_cpus",
             self.unit_num_cpus,
@@ -114,7 +117,11 @@ class RuntimeConfig:
 
 @dataclass(kw_only=True, slots=True)
 class TrainConfig:
-    """The ``zetta-ray train`` loop."""
+    """The ``zetta-ray train`` loop.
+
+    ``data_dir`` is the corpus directory itself; ``None`` uses ``~/.cache/zetta_ray/corpus-<hash of the
+    corpus settings>`` (``XDG_CACHE_HOME`` is honoured). The corpus is built there on first use.
+    """
 
     steps: int = 50
     batch_size: int = 8
@@ -129,9 +136,28 @@ class TrainConfig:
         c = "TrainConfig"
         for name in ("steps", "batch_size", "expert_degree", "corpus_bytes"):
             _positive_int(c, name, getattr(self, name))
-        _check(self.lr > 0, c, "lr", self.lr, "must be > 0")
-        _check(self.weight_decay >= 0, c, "weight_decay", self.weight_decay, "must be >= 0")
-        _check(isinstance(self.seed, int) and self.seed >= 0, c, "seed", self.seed, "must be an integer >= 0")
+        _check(_is_number(self.lr) and self.lr > 0, c, "lr", self.lr, "must be a number > 0")
+        _check(
+            _is_number(self.weight_decay) and self.weight_decay >= 0,
+            c,
+            "weight_decay",
+            self.weight_decay,
+            "must be a number >= 0",
+        )
+        _check(
+            isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
+            c,
+            "seed",
+            self.seed,
+            "must be an integer >= 0",
+        )
+        _check(
+            self.data_dir is None or isinstance(self.data_dir, str),
+            c,
+            "data_dir",
+            self.data_dir,
+            "must be a directory path (string) or None for the default cache",
+        )
 
 
 def from_mapping(cls: type, values: dict[str, Any], where: str) -> Any:
