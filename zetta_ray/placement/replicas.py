@@ -1,0 +1,135 @@
+"""Snapshot replicas onto memory pools, under the failure-domain rule.
+
+After every step (or every ``snapshot_every`` steps) each expert copies its state to ``replicas`` memory
+pools. A replica must survive what kills its expert: it never sits on the expert's node, nor in the
+expert's rack when the machine's pools span more than one rack, and the replicas of one expert sit on
+distinct nodes. Among the allowed pools the ``best`` policy takes the one that least raises the slower of
+(the expert unit's snapshot port time, the pool's write time); ties go to the nearer, less loaded pool.
+
+Speed: a pool in another pod costs at least the fabric link, so the expert's own pod is scored first and
+the whole machine only when a remote pool could tie or win. The answer is the same; the work per
+replica drops from all pools to one pod's pools on a large machine.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+from zetta_ray.placement.cost import Workload
+from zetta_ray.placement.plan import InfeasiblePlacementError, gib
+from zetta_ray.placement.topology import Tier, Topology
+
+__all__ = ["place_replicas"]
+
+_TIE = 1e-9
+
+
+def place_replicas(
+    topology: Topology,
+    workload: Workload,
+    expert_unit_X: np.ndarray,
+    policy: Literal["best", "cyclic", "random"],
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """A pool for every replica: ``(X, R)`` pool ids. ``cyclic`` takes the next allowed pool after the
+    last one used, ``random`` any allowed pool (from ``rng``), ``best`` as the module docstring says."""
+    t, w = topology, workload
+    out = np.full((w.total_experts, w.replicas), -1, dtype=np.int64)
+    if w.replicas == 0:
+        return out
+    pools = _Pools(t, w)
+    cursor = 0
+    for x in range(w.total_experts):
+        unit = int(expert_unit_X[x])
+        node, rack, pod = int(t.unit_node_U[unit]), int(t.unit_rack_U[unit]), int(t.unit_pod_U[unit])
+        taken: list[int] = []
+        for r in range(w.replicas):
+            p = -1
+            if policy == "best":
+                local = pools.allowed(pools.in_pod(pod), node, rack, taken)
+                if len(local):
+                    low, p = pools.best(local, unit, node)
+                    if low * (1 + _TIE) >= pools.port_s.get(unit, 0.0) + pools.link_T[Tier.FABRIC]:
+                        p = -1  # a pool in another pod might tie or win: look everywhere
+            if p < 0:
+                idx = pools.allowed(np.arange(t.n_pools), node, rack, taken)
+                if not len(idx):
+                    raise _no_pool(t, w, x, r, node, rack, pools)
+                if policy == "best":
+                    p = pools.best(idx, unit, node)[1]
+                elif policy == "cyclic":
+                    later = idx[idx >= cursor]
+                    p = int(later[0] if len(later) else idx[0])
+                    cursor = p + 1
+                else:
+                    p = int(rng.choice(idx))
+            out[x, r] = p
+            taken.append(int(t.pool_node_P[p]))
+            pools.take(p, unit, node)
+    return out
+
+
+class _Pools:
+    """What the pools hold so far: free bytes, write seconds per step, and each unit's snapshot port time."""
+
+    def __init__(self, t: Topology, w: Workload) -> None:
+        self.t, self.size = t, float(w.snapshot_bytes)
+        per_step = w.snapshot_bytes / w.snapshot_every
+        self.free_P = t.pool_memory_P.astype(np.float64)
+        self.load_P = np.zeros(t.n_pools)
+        self.write_P = per_step / t.pool_bandwidth_P
+        self.link_T = per_step / t.links.bandwidth_T
+        self.rack_rule = len(np.unique(t.pool_rack_P)) > 1
+        pool_pod_P = t.rack_pod_R[t.pool_rack_P]
+        self.by_pod = np.argsort(pool_pod_P, kind="stable")
+        self.bounds = np.searchsorted(pool_pod_P[self.by_pod], np.arange(t.n_pods + 1))
+        self.port_s: dict[int, float] = {}
+
+    def in_pod(self, pod: int) -> np.ndarray:
+        return self.by_pod[self.bounds[pod] : self.bounds[pod + 1]]
+
+    def allowed(self, idx: np.ndarray, node: int, rack: int, taken: list[int]) -> np.ndarray:
+        """The pools of ``idx`` with room, off ``node`` (and ``rack``, by the rule) and ``taken`` nodes."""
+        node_P = self.t.pool_node_P[idx]
+        ok = (self.free_P[idx] >= self.size) & (node_P != node)
+        if self.rack_rule:
+            ok &= self.t.pool_rack_P[idx] != rack
+        for other in taken:
+            ok &= node_P != other
+        return idx[ok]
+
+    def best(self, idx: np.ndarray, unit: int, node: int) -> tuple[float, int]:
+        """The lowest score among ``idx`` and the pool that has it (ties: nearer, then less loaded)."""
+        link = self.link_T[self.t.node_tier(node, self.t.pool_node_P[idx])]
+        pool_new = self.load_P[idx] + self.write_P[idx]
+        score = np.maximum(self.port_s.get(unit, 0.0) + link, pool_new)
+        low = score.min()
+        near = np.flatnonzero(score <= low * (1 + _TIE))
+        return float(low), int(idx[near[np.argmin(link[near] + pool_new[near])]])
+
+    def take(self, p: int, unit: int, node: int) -> None:
+        self.free_P[p] -= self.size
+        self.load_P[p] += self.write_P[p]
+        link = float(self.link_T[self.t.node_tier(node, self.t.pool_node_P[p])])
+        self.port_s[unit] = self.port_s.get(unit, 0.0) + link
+
+
+def _no_pool(
+    t: Topology, w: Workload, x: int, r: int, node: int, rack: int, pools: _Pools
+) -> InfeasiblePlacementError:
+    layer, expert = w.expert_id(x)
+    where = f"outside node {t.node_name(node)}" + (
+        f" and rack {t.rack_name(rack)}" if pools.rack_rule else ""
+    )
+    hint = (
+        "A single-node machine has no such pool: plan it with Workload(replicas=0)."
+        if t.n_nodes == 1
+        else "Add memory pools on other nodes (or racks), or lower Workload.replicas."
+    )
+    return InfeasiblePlacementError(
+        f"replica {r} of expert L{layer}/E{expert} needs a memory pool {where}, apart from its other "
+        f"replicas, with {gib(w.snapshot_bytes)} free; none of the {t.n_pools} pool(s) qualifies "
+        f"({gib(float(pools.free_P.sum()))} free in all). {hint}"
+    )
