@@ -16,7 +16,7 @@ from zetta_ray.api.optim import DistributedOptimizer
 from zetta_ray.config import RuntimeConfig
 from zetta_ray.errors import ConfigError, UnsupportedError
 from zetta_ray.experts.moe import MoELayer
-from zetta_ray.runtime import ExpertRuntime, RemoteExperts
+from zetta_ray.runtime import ExpertRuntime, Layout, RemoteExperts
 
 __all__ = ["DistributedModule", "parallelize"]
 
@@ -48,9 +48,9 @@ class DistributedModule:
         init()
         self._keys = list(module.state_dict().keys())
         self._expert_prefix = {i: f"{name}.experts." for i, (name, _) in enumerate(layers)}
-        self._runtime = ExpertRuntime.launch(
-            [list(layer.experts) for _, layer in layers], strategy.degree, self.runtime_config
-        )
+        experts = [list(layer.experts) for _, layer in layers]
+        layout = Layout.blocks(strategy.degree, tuple(len(e) for e in experts))
+        self._runtime = ExpertRuntime.launch(experts, layout, self.runtime_config)
         for i, (_, layer) in enumerate(layers):
             layer.experts = nn.ModuleList()  # the experts now live on the units
             layer.executor = RemoteExperts(self._runtime, i)

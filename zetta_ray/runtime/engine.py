@@ -31,31 +31,71 @@ __all__ = ["ExpertRuntime", "Layout", "Ticket"]
 
 @dataclass(frozen=True, slots=True)
 class Layout:
-    """Unit ``u`` hosts experts ``[u * k, (u + 1) * k)`` of every layer, ``k = n_experts / n_units``."""
+    """Which unit hosts each expert: ``unit_LE[layer][expert]``.
+
+    ``Layout.blocks`` gives unit ``u`` experts ``[u * k, (u + 1) * k)`` of every layer; a placer may give
+    any assignment (``Layout(n_units, unit_LE)``), e.g. more experts on faster units.
+    """
 
     n_units: int
-    experts_per_layer: tuple[int, ...]
+    unit_LE: tuple[tuple[int, ...], ...]
 
     def __post_init__(self) -> None:
-        for layer, n in enumerate(self.experts_per_layer):
-            if n % self.n_units:
+        for layer, units in enumerate(self.unit_LE):
+            bad = [u for u in units if not 0 <= u < self.n_units]
+            if bad:
                 raise ConfigError(
-                    f"expert degree ({self.n_units}) must divide the number of experts ({n}) of MoE layer "
-                    f"{layer}; choose a degree among the divisors of {n}"
+                    f"layout of MoE layer {layer} names units {bad} outside 0..{self.n_units - 1}"
                 )
 
-    def per_unit(self, layer: int) -> int:
-        return self.experts_per_layer[layer] // self.n_units
+    @classmethod
+    def blocks(cls, n_units: int, experts_per_layer: tuple[int, ...]) -> Layout:
+        for layer, n in enumerate(experts_per_layer):
+            if n % n_units:
+                raise ConfigError(
+                    f"expert degree ({n_units}) must divide the number of experts ({n}) of MoE layer "
+                    f"{layer}; choose a degree among the divisors of {n}"
+                )
+        return cls(n_units, tuple(tuple(e * n_units // n for e in range(n)) for n in experts_per_layer))
 
     def unit_of(self, layer: int, expert: int) -> int:
-        return expert // self.per_unit(layer)
+        return self.unit_LE[layer][expert]
 
     def experts_of(self, unit: int) -> list[tuple[int, int]]:
-        return [
-            (layer, e)
-            for layer in range(len(self.experts_per_layer))
-            for e in range(unit * self.per_unit(layer), (unit + 1) * self.per_unit(layer))
-        ]
+        return [(l, e) for l, units in enumerate(self.unit_LE) for e, u in enumerate(units) if u == unit]
+
+    def experts_in_layer(self, unit: int, layer: int) -> list[int]:
+        return [e for e, u in enumerate(self.unit_LE[layer]) if u == unit]
+
+
+def _segments(offsets: list[int], experts: list[int]) -> list[tuple[int, int]]:
+    """Row ranges of ``experts`` (ascending), adjacent ranges merged."""
+    out: list[tuple[int, int]] = []
+    for e in experts:
+        lo, hi = offsets[e], offsets[e + 1]
+        if out and out[-1][1] == lo:
+            out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _take(t: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
+    """The rows of ``segments`` (a view when there is one segment)."""
+    if len(segments) == 1:
+        return t[segments[0][0] : segments[0][1]]
+    return torch.cat([t[lo:hi] for lo, hi in segments])
+
+
+def _scatter(outs: list[Any], calls: list[_Call], like: torch.Tensor) -> torch.Tensor:
+    """Put each call's output rows back at its segments."""
+    out = torch.zeros_like(like)
+    for o, c in zip(outs, calls, strict=True):
+        rows, pos = from_wire(o), 0
+        for lo, hi in c.segments:
+            out[lo:hi] = rows[pos : pos + hi - lo]
+            pos += hi - lo
+    return out
 
 
 @dataclass(slots=True)
@@ -65,7 +105,7 @@ class _Call:
     experts: list[tuple[int, int]]
     step: int
     phase: str
-    rows: tuple[int, int] = (0, 0)
+    segments: list[tuple[int, int]] = field(default_factory=list)  # row ranges this call carries
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,19 +130,30 @@ class ExpertRuntime:
 
     @classmethod
     def launch(
-        cls, experts_by_layer: list[list[nn.Module]], degree: int, cfg: RuntimeConfig
+        cls,
+        experts_by_layer: list[list[nn.Module]],
+        layout: Layout,
+        cfg: RuntimeConfig,
+        unit_options: list[dict[str, Any]] | None = None,
     ) -> ExpertRuntime:
-        """Start ``degree`` units, hand each its experts' structure, then their weights as numpy."""
-        layout = Layout(degree, tuple(len(experts) for experts in experts_by_layer))
-        num_cpus = cfg.unit_num_cpus
-        if num_cpus is None:  # share the cluster's CPUs so every unit fits, one at most each
-            num_cpus = min(1.0, ray.cluster_resources().get("CPU", 1.0) / degree)
+        """Start ``layout.n_units`` units, hand each its experts' structure, then their weights as numpy.
+
+        ``unit_options[u]`` are extra Ray actor options for unit ``u`` (resources, a placement-group
+        scheduling strategy); by default the cluster's CPUs are shared evenly, at most one per unit.
+        """
+        n = layout.n_units
+        if unit_options is None:
+            num_cpus = cfg.unit_num_cpus
+            if num_cpus is None:
+                num_cpus = min(1.0, ray.cluster_resources().get("CPU", 1.0) / n)
+            unit_options = [{"num_cpus": num_cpus}] * n
         units = []
-        for u in range(degree):
-            owned = layout.experts_of(u)
-            skeletons = {(l, e): copy.deepcopy(experts_by_layer[l][e]).to("meta") for l, e in owned}
+        for u in range(n):
+            skeletons = {
+                (l, e): copy.deepcopy(experts_by_layer[l][e]).to("meta") for l, e in layout.experts_of(u)
+            }
             units.append(
-                ComputeUnitActor.options(num_cpus=num_cpus).remote(u, skeletons, cfg.threads_per_unit)
+                ComputeUnitActor.options(**unit_options[u]).remote(u, skeletons, cfg.threads_per_unit)
             )
         runtime = cls(units, layout, cfg)
         try:
@@ -127,22 +178,24 @@ class ExpertRuntime:
     ) -> tuple[torch.Tensor, Ticket]:
         """Send each unit its experts' rows at once; wait for all; return outputs in row order."""
         key = (self.step, layer, next(self._micro_batch.setdefault(layer, itertools.count())))
-        per = self.layout.per_unit(layer)
         offsets = [0, *itertools.accumulate(counts_E)]
-        x_wire = x_ND.detach()
+        x = x_ND.detach()
         calls = []
         for u, unit in enumerate(self.units):
-            lo, hi = offsets[u * per], offsets[(u + 1) * per]
-            if hi == lo:
+            experts = [e for e in self.layout.experts_in_layer(u, layer) if counts_E[e] > 0]
+            if not experts:
                 continue  # none of this unit's experts received a token: no call
-            experts = [e for e in range(u * per, (u + 1) * per) if counts_E[e] > 0]
+            segments = _segments(offsets, experts)
             ref = unit.forward.remote(
-                key, experts, [counts_E[e] for e in experts], to_wire(x_wire[lo:hi]), keep, self._grad_epoch
+                key,
+                experts,
+                [counts_E[e] for e in experts],
+                to_wire(_take(x, segments)),
+                keep,
+                self._grad_epoch,
             )
-            calls.append(_Call(ref, u, [(layer, e) for e in experts], self.step, "forward", (lo, hi)))
-        outs = self._gather(calls)
-        y_ND = torch.cat([from_wire(o) for o in outs]) if outs else torch.zeros_like(x_wire)
-        return y_ND, Ticket(key, calls)
+            calls.append(_Call(ref, u, [(layer, e) for e in experts], self.step, "forward", segments))
+        return _scatter(self._gather(calls), calls, x), Ticket(key, calls)
 
     def backward(self, ticket: Ticket, dy_ND: torch.Tensor) -> torch.Tensor:
         step = ticket.key[0]
@@ -155,18 +208,17 @@ class ExpertRuntime:
         calls = [
             _Call(
                 self.units[c.unit].backward.remote(
-                    ticket.key, to_wire(dy[c.rows[0] : c.rows[1]]), self._grad_epoch
+                    ticket.key, to_wire(_take(dy, c.segments)), self._grad_epoch
                 ),
                 c.unit,
                 c.experts,
                 step,
                 "backward",
-                c.rows,
+                c.segments,
             )
             for c in ticket.calls
         ]
-        outs = self._gather(calls)
-        return torch.cat([from_wire(o) for o in outs]) if outs else torch.zeros_like(dy)
+        return _scatter(self._gather(calls), calls, dy)
 
     # -- optimizer ----------------------------------------------------------------------------------
 
