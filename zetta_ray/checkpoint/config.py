@@ -88,7 +88,7 @@ class TrickleCheckpoint:
             "durable_every",
             self.durable_every,
             f"must be a multiple of every ({self.every}) so that every durable step has a snapshot; "
-            f"try durable_every={max(1, round((self.durable_every or 0) / self.every)) * self.every}",
+            f"try durable_every={-(-(self.durable_every or 1) // self.every) * self.every}",
         )
         interval = self.durable_interval_s
         _check(
