@@ -8,15 +8,15 @@ Activations of one block for one micro-batch, in bytes (b micro-batch, s sequenc
 t tensor-parallel degree; Korthikanti et al. eq. 1-5, generalised to any FFN size f and grouped K/V):
 
     replicated  R = 10 s b h      layer-norm inputs, QKV input, fc1 input, two dropout masks
-    parallel    P = (4 + 4 g/a) s b h + 2 s b f (1 + gated)      Q, K, V, projection input, MLP inner
+    parallel    P = (4 + 4 g/a) s b h + 2 s b f (2 + gated)      Q, K, V, projection input, MLP inner
     attention   S = 5 a s^2 b     softmax output, its dropout mask and dropout output (0 with flash)
 
     none        R + (P + S) / t         (R / t as well with sequence parallelism)
     selective   R + P / t               (S is recomputed)
     full        2 s b h                 (only the block input; / t with sequence parallelism)
 
-An MoE block stores, instead of the dense MLP inner ``2 s b f (1 + gated) / t``, the permuted rows it
-routes: ``rows (2 h + 2 f (1 + gated))`` with ``rows = s b k x load / t`` on the busiest unit.
+An MoE block stores, instead of the dense MLP inner ``2 s b f (2 + gated) / t``, the permuted rows it
+routes: ``rows (2 h + 2 f (2 + gated))`` with ``rows = s b k x load / t`` on the busiest unit.
 
 The first pipeline stage holds the most: in 1F1B it keeps ``min(m, p)`` micro-batches in flight, and
 the interleaved schedule multiplies that by ``1 + (p - 1) / (p v)``. Full recomputation also needs one
@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from zetta_ray.sim.model import ModelSpec
 from zetta_ray.sim.parallel import ParallelSpec
 
-__all__ = ["RESERVED_BYTES", "MemoryReport", "memory_per_unit"]
+__all__ = ["RESERVED_BYTES", "MemoryReport", "memory_per_unit", "stage_activation_bytes"]
 
 #: CUDA context, NCCL buffers and allocator slack every unit keeps free (not available to the model).
 RESERVED_BYTES = 2.0e9
@@ -86,9 +86,9 @@ def block_activation_bytes(model: ModelSpec, par: ParallelSpec, *, moe: bool) ->
     attn_inner = (4.0 + 4.0 * model.kv_ratio) * sbh
     if moe:
         rows = s * b * model.top_k * model.load_factor / t
-        mlp_inner_unit = rows * (2.0 * h + 2.0 * model.f * (1 + gated))
+        mlp_inner_unit = rows * (2.0 * h + 2.0 * model.f * (2 + gated))
     else:
-        mlp_inner_unit = 2.0 * s * b * model.f * (1 + gated) / t
+        mlp_inner_unit = 2.0 * s * b * model.f * (2 + gated) / t
     scores = 0.0 if model.flash_attention else 5.0 * model.heads * s * s * b
     rep = replicated / t if par.sequence_parallel else replicated
     if par.recompute == "full":
@@ -106,31 +106,34 @@ def _inflight(par: ParallelSpec) -> float:
     return base
 
 
-def memory_per_unit(model: ModelSpec, par: ParallelSpec) -> MemoryReport:
-    """Memory on the fullest unit of the mesh (the larger of the first and last pipeline stages)."""
-    lps = par.layers_per_stage(model)
+def stage_activation_bytes(model: ModelSpec, par: ParallelSpec) -> float:
+    """Block activations the first pipeline stage holds at its peak (all in-flight micro-batches)."""
     moe_frac = model.moe_layers / model.layers
     per_layer = (1 - moe_frac) * block_activation_bytes(model, par, moe=False)
     if model.moe_layers:
         per_layer += moe_frac * block_activation_bytes(model, par, moe=True)
-    acts = per_layer * lps * _inflight(par)
+    return per_layer * par.layers_per_stage(model) * _inflight(par)
+
+
+def memory_per_unit(model: ModelSpec, par: ParallelSpec) -> MemoryReport:
+    """Memory on the fullest unit of the mesh (the larger of the first and last pipeline stages)."""
+    first_acts = stage_activation_bytes(model, par)
     if par.recompute == "full":  # one block recomputed in full while its backward runs
         working = replace(par, recompute="none")
-        acts += block_activation_bytes(model, working, moe=model.moe_layers > 0)
+        first_acts += block_activation_bytes(model, working, moe=model.moe_layers > 0)
+    last_acts = first_acts / _inflight(par)  # the last stage keeps one micro-batch in flight
     logits = 4.0 * model.seq_len * par.micro_batch * model.vocab / par.tp
 
-    reports = []
-    for first, last in ((True, par.pp == 1), (False, True)):
-        dense, expert = params_per_unit(model, par, embedding=True)
-        expert_dp = max(1, par.tp * par.dp // max(par.ep, 1))
-        optim = 12.0 * (dense / par.dp + expert / expert_dp) if par.zero1 else 12.0 * (dense + expert)
-        stage_acts = (acts if first else per_layer * lps) + (logits if last else 0.0)
-        reports.append(
-            MemoryReport(
-                parameters=2.0 * (dense + expert),
-                gradients=4.0 * (dense + expert),
-                optimizer=optim,
-                activations=stage_acts,
-            )
+    dense, expert = params_per_unit(model, par, embedding=True)
+    expert_dp = max(1, par.tp * par.dp // max(par.ep, 1))
+    optim = 12.0 * (dense / par.dp + expert / expert_dp) if par.zero1 else 12.0 * (dense + expert)
+    reports = [
+        MemoryReport(
+            parameters=2.0 * (dense + expert),
+            gradients=4.0 * (dense + expert),
+            optimizer=optim,
+            activations=acts,
         )
+        for acts in ((first_acts + logits) if par.pp == 1 else first_acts, last_acts + logits)
+    ]
     return max(reports, key=lambda r: r.total)
