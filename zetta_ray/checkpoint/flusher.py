@@ -125,8 +125,14 @@ class AsyncFlusher:
     def __enter__(self) -> AsyncFlusher:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close(timeout=300.0)
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc_type is None:
+            self.close(timeout=300.0)
+            return
+        try:  # an exception is already on its way out: report flush failures, do not mask it
+            self.close(timeout=300.0)
+        except CheckpointError as e:
+            logger.error("%s: closing while %s propagates: %s", self.name, exc_type.__name__, e)
 
     # -- worker side --------------------------------------------------------------------------------
 

@@ -299,7 +299,7 @@ def _encode_part(step: int, name: str, part: Snapshot | bytes) -> tuple[bytes, t
 
 def _open(uri: str) -> tuple[pafs.FileSystem, str]:
     if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
     try:
         return pafs.FileSystem.from_uri(uri)
     except (pa.ArrowException, ValueError, OSError) as e:
