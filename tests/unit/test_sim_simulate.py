@@ -44,7 +44,13 @@ def test_the_10t_moe_is_planned_on_a_million_units_in_well_under_a_minute(plan_1
     assert 0 < r["mfu"] < 1 and 0 < r["goodput"] <= 1
     assert r["goodput"] > r["goodput_global_checkpoint"]
     assert r["optical"]["speedup"] >= 1.0
-    assert r["placement"]["units_per_group"] == mesh["ep"]
+    place = r["placement"]
+    assert place["units_per_group"] == mesh["ep"] and place["machine"]["units"] == mesh["units_used"]
+    assert place["experts_per_unit_max"] == place["experts_per_unit_per_layer"]  # the memory cap holds
+    assert place["replicas_off_node"] and place["group_spans"]["nodes"] >= mesh["ep"] // 8
+    # the placement layer's cost model and the analytic model see the same layer within a factor of 2
+    ratio = place["moe_layer_time_per_step_s"] / place["analytic_moe_layer_time_per_step_s"]
+    assert 0.5 < ratio < 2.0
     assert [row["units"] for row in r["failures"]["scale"]] == [1_000, 100_000, 1_000_000]
 
 

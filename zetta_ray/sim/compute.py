@@ -41,13 +41,20 @@ BYTES = 2  # 16-bit activations
 
 @dataclass(slots=True)
 class BlockCost:
-    """Seconds of one block and one micro-batch on one unit, and what it sent per tier."""
+    """Seconds of one block and one micro-batch on one unit, and what it sent per tier.
+
+    ``parts`` splits ``total`` by kind of work (forward + backward + recomputation): ``gemm``,
+    ``attention`` (the attention core), ``elementwise``, ``tp_comm`` (exposed), ``a2a`` (expert
+    dispatch and combine), ``overhead`` (kernel launches); ``experts`` is the share of ``gemm`` spent in
+    the expert MLPs.
+    """
 
     forward: float
     backward: float
     recompute: float
     traffic: Comm
     flops: float
+    parts: dict[str, float]
 
     @property
     def total(self) -> float:
@@ -128,6 +135,16 @@ def block_cost(model: ModelSpec, par: ParallelSpec, hw: Hardware, eff: Efficienc
 
     traffic = Comm.zero(n_tiers).add(tp_fwd).add(tp_bwd).add(a2a).add(a2a)
     flops = 3.0 * (qkv_flops + proj_flops + mlp_flops + core_flops)
+    passes = {"none": 3.0, "selective": 3.0, "full": 4.0}[par.recompute]  # forward-equivalents of work
+    parts = {
+        "gemm": passes * gemm_fwd,
+        "attention": (passes + (par.recompute == "selective")) * core,
+        "elementwise": passes * elementwise,
+        "tp_comm": tp_fwd.time * (2.0 if par.recompute == "full" else 1.0) + tp_bwd_exposed + tp_bwd_hidden,
+        "a2a": a2a.time * (3.0 if par.recompute == "full" else 2.0),
+        "overhead": eff.kernel_overhead_s * (3.0 if par.recompute == "full" else 2.0),
+        "experts": passes * _gemm(2.0 * rows * model.mlp_params, hw, eff) if moe else 0.0,
+    }
     recompute = 0.0
     if par.recompute == "full":
         recompute = forward
@@ -137,7 +154,9 @@ def block_cost(model: ModelSpec, par: ParallelSpec, hw: Hardware, eff: Efficienc
         recompute = core
         flops += core_flops
     traffic.time = 0.0
-    return BlockCost(forward=forward, backward=backward, recompute=recompute, traffic=traffic, flops=flops)
+    return BlockCost(
+        forward=forward, backward=backward, recompute=recompute, traffic=traffic, flops=flops, parts=parts
+    )
 
 
 def logits_cost(model: ModelSpec, par: ParallelSpec, hw: Hardware, eff: Efficiency) -> float:

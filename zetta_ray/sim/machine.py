@@ -5,12 +5,14 @@ placement layer's ``Topology`` (nodes = the innermost tier's domains, racks = th
 next, the fabric above), so failure domains, link tiers and the cost model are the ones the live
 cluster uses. A million units take a fraction of a second to build.
 
-``placement_summary`` places one expert group of the chosen mesh: one MoE layer's ``n_experts``
-experts on the ``ep`` consecutive units of the first expert group, every unit of the group also
-routing its own tokens (a dense unit in the placement layer's terms). Each unit has room for exactly
-``n_experts / ep`` of them, because the rest of its memory holds its other layers. Every expert group
-of every MoE layer sees the same units, links and load, so one group's plan, repeated by translation,
-is the plan of the whole machine.
+``placement_summary`` runs the placement layer's placer (``zetta_ray.placement.placer.place``) on one
+expert group of the chosen mesh: one MoE layer's ``n_experts`` experts onto the ``ep`` consecutive units
+of the first expert group, every unit of the group also routing its own tokens (a dense unit in the
+placement layer's terms), with one snapshot replica per expert in a memory pool outside the expert's
+node and rack (the placer's failure-domain rule). Each unit has room for exactly ``n_experts / ep``
+experts, because the rest of its memory holds its other layers. Every expert group of every MoE layer
+sees the same units, links and load, so one group's plan, repeated by translation, is the plan of the
+whole machine.
 """
 
 from __future__ import annotations
@@ -20,14 +22,17 @@ from typing import Any
 
 import numpy as np
 
-from zetta_ray.placement.cost import Workload, step_cost
-from zetta_ray.placement.topology import Tier, Topology
+from zetta_ray.placement.cost import Workload
+from zetta_ray.placement.placer import place
+from zetta_ray.placement.plan import PlacementError, PlacerConfig
+from zetta_ray.placement.topology import Topology
 from zetta_ray.sim.hardware import Hardware
-from zetta_ray.sim.memory import memory_per_unit
 from zetta_ray.sim.model import ModelSpec
 from zetta_ray.sim.parallel import ParallelSpec
 
-__all__ = ["placement_summary", "topology_for"]
+__all__ = ["group_workload", "placement_summary", "topology_for"]
+
+_KIND = "gpu"  # every simulated unit is one kind of accelerator; it hosts experts and dense layers
 
 
 def _level_sizes(hw: Hardware) -> tuple[int, int, int]:
@@ -44,7 +49,7 @@ def _link(hw: Hardware, k: int) -> dict[str, float]:
     return {"bandwidth": hw.effective_bandwidth(k), "latency": hw.tiers[k].latency}
 
 
-def topology_for(hw: Hardware, *, kind: str = "gpu") -> Topology:
+def topology_for(hw: Hardware, *, kind: str = _KIND) -> Topology:
     """The placement ``Topology`` of ``hw``: ``hw.units`` units of ``kind``, a memory pool per node."""
     per_node, nodes_per_rack, racks_per_pod = _level_sizes(hw)
     n_nodes = math.ceil(hw.units / per_node)
@@ -103,33 +108,51 @@ def group_workload(model: ModelSpec, par: ParallelSpec, hw: Hardware) -> Workloa
     )
 
 
-def placement_summary(model: ModelSpec, par: ParallelSpec, hw: Hardware) -> dict[str, Any]:
-    """Where one expert group's experts go and what the placement cost model predicts for them."""
-    topo = topology_for(hw)
+def placement_summary(model: ModelSpec, par: ParallelSpec, hw: Hardware, *, seed: int = 0) -> dict[str, Any]:
+    """Place one expert group with the placement layer's placer; its plan, replicas and predicted time.
+
+    The placer runs on the whole pods that hold the group (every other pod is a translated copy), so
+    a million-unit plan takes seconds; the machine summary is of the full topology.
+    """
+    machine = topology_for(hw)
+    pod_units = hw.domain(min(2, len(hw.tiers) - 1))
+    region = hw.with_(units=min(hw.units, math.ceil(par.ep / pod_units) * pod_units))
+    topo = topology_for(region)
     work = group_workload(model, par, hw)
-    group = np.arange(par.ep)
-    per_unit = par.experts_per_unit(model)
-    expert_unit = group[np.arange(model.n_experts) // per_unit]
-    cost = step_cost(topo, work, expert_unit_X=expert_unit, dense_unit_D=group)
-    mem = memory_per_unit(model, par)
-    return {
-        "source": "zetta_ray.placement: Topology, cost.step_cost (expert layout: contiguous blocks)",
-        "topology": topo.summary(),
+    usable = np.zeros(topo.n_units, dtype=bool)
+    usable[: par.ep] = True
+    config = PlacerConfig(seed=seed, expert_kinds=(_KIND,), dense_kinds=(_KIND,))
+    out: dict[str, Any] = {
+        "source": "zetta_ray.placement: Topology, placer.place, cost.step_cost",
+        "machine": machine.summary(),
+        "placed_on_units": topo.n_units,
         "expert_groups": par.units // par.ep,
         "units_per_group": par.ep,
-        "experts_per_unit_per_layer": per_unit,
-        "group_spans": {
-            "nodes": int(len(np.unique(topo.unit_node_U[group]))),
-            "racks": int(len(np.unique(topo.unit_rack_U[group]))),
-            "pods": int(len(np.unique(topo.unit_pod_U[group]))),
-        },
-        "moe_layer_time_per_step_s": float(cost.layer_time_s_L[0]),
-        "bytes_by_tier_per_group_per_layer": cost.edges.bytes_by_tier(),
-        "fabric_bytes_share": _share(cost.edges.bytes_by_tier(), Tier.FABRIC.name),
-        "memory_per_unit_bytes": mem.total,
+        "experts_per_unit_per_layer": par.experts_per_unit(model),
     }
-
-
-def _share(by_tier: dict[str, float], name: str) -> float:
-    total = sum(by_tier.values())
-    return by_tier.get(name, 0.0) / total if total else 0.0
+    try:
+        plan = place(topo, work, config, usable_U=usable)
+    except PlacementError as e:
+        out["error"] = str(e)
+        return out
+    group = np.unique(plan.dense_unit_D)
+    pools = plan.replica_pool_XR.reshape(-1)
+    by_tier = plan.cost.edges.bytes_by_tier()
+    out.update(
+        {
+            "group_spans": {
+                "nodes": int(len(np.unique(topo.unit_node_U[group]))),
+                "racks": int(len(np.unique(topo.unit_rack_U[group]))),
+                "pods": int(len(np.unique(topo.unit_pod_U[group]))),
+            },
+            "experts_per_unit_max": int(np.bincount(plan.expert_unit_X).max()),
+            "replicas_off_node": bool(
+                np.all(
+                    topo.pool_node_P[pools] != np.repeat(topo.unit_node_U[plan.expert_unit_X], work.replicas)
+                )
+            ),
+            "moe_layer_time_per_step_s": plan.step_time_s,
+            "bytes_by_tier_per_group_per_layer": by_tier,
+        }
+    )
+    return out

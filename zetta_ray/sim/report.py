@@ -62,13 +62,24 @@ def format_report(result: dict[str, Any]) -> str:
             f"{opt['core_tier']}): step {_seconds(opt['step_time_circuits_s'])} vs "
             f"{_seconds(opt['step_time_static_s'])}, speedup {opt['speedup']:.2f}x"
         )
+    work = result.get("stage_work_by_kind_s", {})
+    busy = sum(v for k, v in work.items() if k != "experts")
+    if busy > 0:
+        lines.append(
+            "  work      per stage per step: "
+            + ", ".join(f"{k} {v / busy:.0%}" for k, v in work.items() if k != "experts" and v > 0)
+        )
     place = result.get("placement")
-    if place:
+    if place and "error" in place:
+        lines.append(f"  placement infeasible: {place['error']}")
+    elif place:
         spans = place["group_spans"]
         lines.append(
             f"  placement {place['expert_groups']:,} expert groups of {place['units_per_group']} units, "
             f"{place['experts_per_unit_per_layer']} experts/unit/layer; a group spans "
-            f"{spans['nodes']} nodes, {spans['racks']} racks, {spans['pods']} pods"
+            f"{spans['nodes']} nodes, {spans['racks']} racks, {spans['pods']} pods; replicas off-node "
+            f"{place['replicas_off_node']}; MoE layer {_seconds(place['moe_layer_time_per_step_s'])}/step "
+            f"(placement cost model) vs {_seconds(place['analytic_moe_layer_time_per_step_s'])} (analytic)"
         )
     if "goodput" in result:
         f = result["failures"]

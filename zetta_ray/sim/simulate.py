@@ -169,6 +169,9 @@ def simulate(spec: SimSpec | Mapping[str, Any] | str | Path, *, placement: bool 
         out["mesh"]["search"] = search_info
     if placement and s.model.kind == "moe" and par.ep > 1:
         out["placement"] = placement_summary(s.model, par, used)
+        out["placement"]["analytic_moe_layer_time_per_step_s"] = report.breakdown[
+            "moe_layer_a2a_and_experts_per_step"
+        ]
     if s.failures is not None:
         fails = failure_summary(s.failures, s.model, par, s.hardware, report, par.units)
         out["failures"] = fails

@@ -39,7 +39,12 @@ OPTIMIZER_BYTES_PER_PARAM = 34.0
 
 @dataclass(kw_only=True, slots=True)
 class StepReport:
-    """Predicted step of one mesh: seconds by phase, utilisation, memory and traffic per tier."""
+    """Predicted step of one mesh: seconds by phase, utilisation, memory and traffic per tier.
+
+    ``work_s`` is the busy time of one pipeline stage per step by kind of work (GEMMs, attention core,
+    element-wise, exposed TP collectives, all-to-all, launch overhead; ``experts`` is inside ``gemm``),
+    without the bubble, gradient reduction and optimizer that ``as_dict`` lists beside it.
+    """
 
     step_time_s: float
     pipeline_s: float
@@ -52,6 +57,7 @@ class StepReport:
     memory: MemoryReport
     bytes_per_tier: dict[str, float]
     breakdown: dict[str, float] = field(default_factory=dict)
+    work_s: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -69,6 +75,7 @@ class StepReport:
                 "optimizer": self.optimizer_s,
                 **self.breakdown,
             },
+            "stage_work_by_kind_s": self.work_s,
         }
 
 
@@ -111,6 +118,9 @@ def step(
     dense_blocks = lps - moe_per_stage
 
     dense_cost = block_cost(model, par, hw, eff, moe=False)
+    m = par.micro_batches
+    work = {k: m * dense_blocks * v for k, v in dense_cost.parts.items()}
+    moe_layer = 0.0
     stage_t = dense_blocks * dense_cost.total
     traffic = dense_cost.traffic.scaled(dense_blocks)
     flops = dense_blocks * dense_cost.flops
@@ -121,6 +131,9 @@ def step(
         traffic.add(moe_cost.traffic.scaled(moe_per_stage))
         flops += moe_per_stage * moe_cost.flops
         backward_t += moe_per_stage * moe_cost.backward
+        for k, v in moe_cost.parts.items():
+            work[k] += m * moe_per_stage * v
+        moe_layer = m * (moe_cost.parts["a2a"] + moe_cost.parts["experts"])
 
     p2p_bytes = BYTES * par.micro_batch * model.seq_len * model.hidden / par.tp  # scatter-gather
     if par.pp > 1:
@@ -132,7 +145,7 @@ def step(
     head = logits_cost(model, par, hw, eff)
     embed = embedding_cost(model, par, hw, eff)
     extra = head + embed if par.pp == 1 else max(head, embed)
-    m, p, v = par.micro_batches, par.pp, par.virtual_stages
+    p, v = par.pp, par.virtual_stages
     bubble = (p - 1) / v * stage_t
     pipeline = m * (stage_t + extra) + bubble
 
@@ -162,5 +175,7 @@ def step(
             "stage_per_microbatch": stage_t,
             "last_or_first_stage_extra": extra,
             "flops_per_unit_per_microbatch": flops,
+            "moe_layer_a2a_and_experts_per_step": moe_layer,
         },
+        work_s=work,
     )
