@@ -102,7 +102,10 @@ def main() -> None:
                 "n_dense": w.n_dense,
                 "replicas": w.replicas,
                 "runs": args.runs,
-                "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine()},
+                "machine": {
+                    "python": platform.python_version(),
+                    "cpu": platform.processor() or platform.machine(),
+                },
                 "results": results,
             },
             indent=2,

@@ -18,7 +18,7 @@ from zetta_ray.placement.plan import (
     finish,
     usable_units,
 )
-from zetta_ray.placement.replicas import place_replicas
+from zetta_ray.placement.replicas import replicas_with_fallback
 from zetta_ray.placement.topology import Topology
 
 __all__ = ["random_placement", "round_robin"]
@@ -60,7 +60,7 @@ def round_robin(
         return out
 
     expert_X = assign_with_fallback(w, groups, free_U, cyclic)
-    replica_XR = place_replicas(t, w, expert_X, "cyclic", np.random.default_rng(0))
+    replica_XR = replicas_with_fallback(t, w, expert_X, "cyclic", np.random.default_rng(0))
     return finish(t, w, expert_X, dense_D, replica_XR, "round_robin", None)
 
 
@@ -92,5 +92,5 @@ def random_placement(
         return out
 
     expert_X = assign_with_fallback(w, groups, free_U, anywhere)
-    replica_XR = place_replicas(t, w, expert_X, "random", rng)
+    replica_XR = replicas_with_fallback(t, w, expert_X, "random", rng)
     return finish(t, w, expert_X, dense_D, replica_XR, "random", cfg.seed)

@@ -1,6 +1,6 @@
 """The topology- and load-aware placer: experts, dense units and snapshot replicas onto a machine.
 
-Shape legend: X = all experts, D = dense units, U = units, S = shortlisted candidate units.
+Shape legend: X = all experts, D = dense units, U = units.
 
 ``place`` minimises the step time that ``cost.step_cost`` predicts, under the rules in ``plan``
 (memory, unit kinds, failure domains). It is pure numpy and deterministic for a seed. The steps:
@@ -8,29 +8,32 @@ Shape legend: X = all experts, D = dense units, U = units, S = shortlisted candi
 1. **Dense units first, by proxy.** Experts are not placed yet, so each dense candidate is scored by its
    link time to where expert capacity is (expert traffic spread over the preferred expert units in
    proportion to their FLOP/s, summed per node, rack and pod) plus its share of the dense compute.
-2. **Shortlist.** Given the dense units, an expert's cost on a unit depends only on the unit's kind,
-   FLOP/s, free memory, links to the dense units (sum of 1/bandwidth and worst latency) and whether it
-   hosts a dense unit. Units equal in all of these are interchangeable, and no plan uses more units than
-   there are experts, so the placer keeps at most that many units of each class (which ones: the seed).
-   A 100k-unit machine shrinks to a few thousand candidates without losing any plan.
-3. **Greedy, longest processing time first.** Each layer's experts, heaviest first, go to the candidate
-   that least raises the layer time, max(slowest unit's compute + port time, dense port time); ties go to
-   the unit that adds the least work. The dense port time is tracked as the mean over dense units.
-4. **Local search.** Moves and swaps of the bottleneck unit's experts (or of the farthest experts, when
-   the dense port is the bottleneck), applied while the layer time drops.
-5. **Replicas** go to pools with ``plan.place_replicas(policy="best")``.
-6. **Alternate.** Dense units are chosen again against the experts' actual positions and the experts
-   placed again; the plan with the lower exact step time is kept.
+2. **Experts** around those dense units: a shortlist of interchangeable units, a longest-processing-
+   time greedy and a local search, one layer at a time (``greedy.Layered``), once per snapshot budget
+   (see ``_Search``).
+3. **Replicas** to pools (``replicas.replicas_with_fallback``, policy ``best``).
+4. **Alternate.** Dense units are chosen again against the experts' actual positions and the experts
+   placed again, starting both from the proxy's dense units and from the first dense candidates.
+5. **Keep the best.** Every plan is scored by the exact model, the round-robin plan too, and the
+   lowest step time wins. So the placer is never worse than round-robin, and it places whatever
+   round-robin can. On random small machines the round-robin layout wins in about 1% of cases, all of
+   them dominated by snapshot writes into a few slow pools, which the greedy's per-unit snapshot
+   estimate does not see.
+
+Cost: O(units) numpy work to build a shortlist per dense set, then O(experts x shortlist) per greedy
+run; about 0.7 s for 1,024 experts on 100k units and 2 s on 1M units on a laptop core (see
+``benchmarks/placer_time.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 
-from zetta_ray.placement.cost import ROUNDS_PER_LAYER, Workload
+from zetta_ray.placement.baselines import round_robin
+from zetta_ray.placement.cost import Workload
+from zetta_ray.placement.greedy import Layered, tier_counts
 from zetta_ray.placement.plan import (
+    InfeasiblePlacementError,
     NoRoom,
     Placement,
     PlacerConfig,
@@ -40,13 +43,12 @@ from zetta_ray.placement.plan import (
     finish,
     usable_units,
 )
-from zetta_ray.placement.replicas import place_replicas
-from zetta_ray.placement.topology import Tier, Topology
+from zetta_ray.placement.replicas import replicas_with_fallback
+from zetta_ray.placement.topology import Topology
 
 __all__ = ["place"]
 
 _TIE = 1e-9  # relative tolerance under which two predicted times count as equal
-_BUDGETS = (2.0, 4.0, np.inf)  # snapshot budgets to try besides 0, in experts' worth of replica traffic
 
 
 def place(
@@ -58,7 +60,8 @@ def place(
 ) -> Placement:
     """Place ``workload`` on ``topology``; ``usable_U`` (a bool mask) keeps units out, e.g. spares.
 
-    Raises ``InfeasiblePlacementError`` when no plan can obey the rules (see ``plan``).
+    Deterministic for ``config.seed``. Raises ``InfeasiblePlacementError`` when no plan can obey the
+    rules (see ``plan``), naming what is missing.
     """
     cfg = config or PlacerConfig()
     t, w = topology, workload
@@ -70,69 +73,103 @@ def place(
 
     capacity = groups[0]
     spread = t.unit_flops_U[capacity] / t.unit_flops_U[capacity].sum() * w.edge_bytes_X.sum()
-    dense_D = _pick_dense(t, w, dense_c, capacity, spread, rank_U)
-    best: Placement | None = None
-    for _ in range(cfg.rounds):
-        for expert_X in _expert_plans(t, w, cfg, groups, dense_D, rank_U):
-            replica_XR = place_replicas(t, w, expert_X, "best", rng)
-            plan = finish(t, w, expert_X, dense_D, replica_XR, "placer", cfg.seed)
-            if best is None or plan.step_time_s < best.step_time_s * (1 - _TIE):
-                best = plan
-        again = _pick_dense(t, w, dense_c, best.expert_unit_X, w.edge_bytes_X, rank_U)
-        if set(again.tolist()) == set(dense_D.tolist()):
-            break
-        dense_D = again
-    return best
+    search = _Search(t, w, cfg, groups, rank_U)
+    for dense_D in (pick_dense(t, w, dense_c, capacity, spread, rank_U), dense_c[: w.n_dense]):
+        for _ in range(cfg.rounds):
+            if not search.try_dense(dense_D):
+                break
+            dense_D = pick_dense(t, w, dense_c, search.best.expert_unit_X, w.edge_bytes_X, rank_U)
+    try:
+        baseline = round_robin(t, w, cfg, usable_U=usable_U)
+    except InfeasiblePlacementError:
+        if search.best is None:
+            raise search.failure from None
+        return search.best
+    if search.best is None or baseline.step_time_s < search.best.step_time_s * (1 - _TIE):
+        e, d, r = baseline.expert_unit_X, baseline.dense_unit_D, baseline.replica_pool_XR
+        return finish(t, w, e, d, r, "placer", cfg.seed)
+    return search.best
 
 
-def _expert_plans(
-    t: Topology, w: Workload, cfg: PlacerConfig, groups: list, dense_D: np.ndarray, rank_U: np.ndarray
-) -> Iterator[np.ndarray]:
-    """Expert placements to compare, one per snapshot budget.
+class _Search:
+    """Keeps the best plan over dense sets and snapshot budgets, scored by the exact cost model.
 
-    Snapshot time is set by the unit with the most replica traffic, a cost the greedy sees in steps (a
+    Snapshot time is set by the unit with the most replica traffic, a cost the greedy meets in steps (a
     second expert on a unit doubles that unit's traffic at once) while the alternative, spreading experts
-    to farther units, costs a little per expert. So the greedy runs with a few budgets: replica traffic
-    up to ``k`` experts' worth per unit counts as already paid. The exact model then compares the plans.
+    to farther units, costs a little per expert. So for each dense set the greedy runs with budgets of
+    0, 1, 2, 4, ... experts' worth of free snapshot traffic per unit and with snapshots ignored, then
+    bisects between the best budget and its neighbours: about 2 log2(experts per unit) runs.
     """
-    free_U = t.unit_memory_U.astype(np.float64)
-    np.subtract.at(free_U, dense_D, float(w.dense_memory_bytes))
-    chosen: list[np.ndarray] = []
 
-    def first(units: np.ndarray) -> np.ndarray:
-        chosen.append(units)
-        return _Layered(t, w, cfg, units, dense_D, free_U, rank_U, budget=0.0).run()
+    def __init__(self, t: Topology, w: Workload, cfg: PlacerConfig, groups: list, rank_U: np.ndarray):
+        self.t, self.w, self.cfg, self.groups, self.rank_U = t, w, cfg, groups, rank_U
+        self.best: Placement | None = None
+        self.failure: InfeasiblePlacementError | None = None
+        self.tried: set[tuple[int, ...]] = set()
 
-    yield assign_with_fallback(w, groups, free_U, first)
-    for k in _BUDGETS:
-        yield _Layered(t, w, cfg, chosen[-1], dense_D, free_U, rank_U, budget=k).run()
+    def try_dense(self, dense_D: np.ndarray) -> bool:
+        """Place the experts around ``dense_D``; False if this dense set was tried before."""
+        key = tuple(sorted(dense_D.tolist()))
+        if key in self.tried:
+            return False
+        self.tried.add(key)
+        t, w = self.t, self.w
+        free_U = t.unit_memory_U.astype(np.float64)
+        np.subtract.at(free_U, dense_D, float(w.dense_memory_bytes))
+        built: list[Layered] = []
+
+        def first(units: np.ndarray) -> np.ndarray:
+            built.append(Layered(t, w, self.cfg, units, dense_D, free_U, self.rank_U))
+            return built[-1].run(0.0)
+
+        scores = {0.0: self._score(assign_with_fallback(w, self.groups, free_U, first), dense_D)}
+        if w.replicas == 0:
+            return self.best is not None
+        layered = built[-1]
+        packed_X = self._run(layered, np.inf)
+        scores[np.inf] = self._score(packed_X, dense_D)
+        k, most = 1, int(np.bincount(packed_X).max()) if packed_X is not None else 1
+        while k < most:
+            scores[float(k)] = self._score(self._run(layered, k), dense_D)
+            k *= 2
+        while True:
+            ks = sorted(scores)
+            i = min(range(len(ks)), key=lambda j: (scores[ks[j]], ks[j]))
+            mids = {
+                float((ks[i] + ks[j]) // 2)
+                for j in (i - 1, i + 1)
+                if 0 <= j < len(ks) and np.isfinite(ks[j]) and np.isfinite(ks[i])
+            }
+            mids -= set(ks)
+            if not mids:
+                return self.best is not None
+            for m in mids:
+                scores[m] = self._score(self._run(layered, m), dense_D)
+
+    @staticmethod
+    def _run(layered: Layered, budget: float) -> np.ndarray | None:
+        try:
+            return layered.run(budget)
+        except NoRoom:
+            return None  # this budget packed the memory differently and stranded an expert
+
+    def _score(self, expert_X: np.ndarray | None, dense_D: np.ndarray) -> float:
+        """Exact step time of ``expert_X`` with replicas placed (inf if they cannot be); keeps the best."""
+        if expert_X is None:
+            return np.inf
+        t, w = self.t, self.w
+        try:
+            replica_XR = replicas_with_fallback(t, w, expert_X, "best", np.random.default_rng(self.cfg.seed))
+        except InfeasiblePlacementError as e:
+            self.failure = self.failure or e
+            return np.inf
+        plan = finish(t, w, expert_X, dense_D, replica_XR, "placer", self.cfg.seed)
+        if self.best is None or plan.step_time_s < self.best.step_time_s * (1 - _TIE):
+            self.best = plan
+        return plan.step_time_s
 
 
-def _tier_counts(
-    t: Topology,
-    peers: np.ndarray,
-    units: np.ndarray,
-    weights: np.ndarray | None = None,
-    *,
-    pools: bool = False,
-) -> np.ndarray:
-    """``(len(units), 5)``: how many ``peers`` (or how much weight) each unit sees on each ``Tier``.
-
-    ``peers`` are unit ids, or node ids of memory pools when ``pools`` (a pool is never at Tier.UNIT).
-    Counting per node, rack and pod makes this O(units + peers), never units x peers.
-    """
-    w = np.ones(len(peers)) if weights is None else weights
-    peer_node = peers if pools else t.unit_node_U[peers]
-    at_node = np.bincount(peer_node, weights=w, minlength=t.n_nodes)[t.unit_node_U[units]]
-    at_unit = np.zeros(len(units)) if pools else np.bincount(peers, weights=w, minlength=t.n_units)[units]
-    peer_rack = t.node_rack_N[peer_node]
-    at_rack = np.bincount(peer_rack, weights=w, minlength=t.n_racks)[t.unit_rack_U[units]]
-    at_pod = np.bincount(t.rack_pod_R[peer_rack], weights=w, minlength=t.n_pods)[t.unit_pod_U[units]]
-    total = np.full(len(units), w.sum())
-    return np.stack([at_unit, at_node - at_unit, at_rack - at_node, at_pod - at_rack, total - at_pod], axis=1)
-
-
-def _pick_dense(
+def pick_dense(
     t: Topology, w: Workload, cands: np.ndarray, host: np.ndarray, bytes_H: np.ndarray, rank_U: np.ndarray
 ) -> np.ndarray:
     """The ``n_dense`` candidates with the least link time to ``bytes_H`` at ``host`` plus dense compute.
@@ -141,226 +178,8 @@ def _pick_dense(
     domain (where the experts can then sit near all of them) instead of scattering; the seed picks only
     among the units of a node.
     """
-    link = _tier_counts(t, host, cands, bytes_H) @ (1.0 / t.links.bandwidth_T)
+    link = tier_counts(t, host, cands, bytes_H) @ (1.0 / t.links.bandwidth_T)
     score = link + w.dense_flops_per_step / w.n_dense / t.unit_flops_U[cands]
     score = np.round(score / max(float(score.max()), 1e-300) * 1e9)  # equal up to float noise -> equal
     keys = (rank_U[cands], t.unit_node_U[cands], t.unit_rack_U[cands], t.unit_pod_U[cands], score)
     return cands[np.lexsort(keys)[: w.n_dense]]
-
-
-def _snapshot_seconds(t: Topology, w: Workload, units: np.ndarray) -> np.ndarray:
-    """Per unit: port seconds per step that one hosted expert's replicas add, sent to the nearest pool
-    the failure-domain rule allows (another node of the rack, else another rack of the pod, else the
-    fabric; never the own rack when the pools span more than one rack)."""
-    if w.replicas == 0:
-        return np.zeros(len(units))
-    at = _tier_counts(t, t.pool_node_P, units, None, pools=True)
-    rack_rule = len(np.unique(t.pool_rack_P)) > 1
-    tier = np.where(at[:, Tier.POD] > 0, Tier.POD, Tier.FABRIC)
-    if not rack_rule:
-        tier = np.where(at[:, Tier.RACK] > 0, Tier.RACK, tier)
-    return w.replicas * w.snapshot_bytes / w.snapshot_every / t.links.bandwidth_T[tier]
-
-
-def _max_without(values: np.ndarray, top: list[int], h: int, others: np.ndarray) -> np.ndarray:
-    """For each index in ``others``: the max of ``values`` leaving out ``h`` and that index.
-    ``top`` holds the indices of the three largest values, largest first."""
-    rest = [i for i in top if i != h][:2]
-    a1 = float(values[rest[0]]) if rest else 0.0
-    a2 = float(values[rest[1]]) if len(rest) > 1 else 0.0
-    return np.where(others == (rest[0] if rest else -1), a2, a1)
-
-
-def _top3(values: np.ndarray) -> list[int]:
-    k = min(3, len(values))
-    part = np.argpartition(-values, k - 1)[:k]
-    return [int(i) for i in part[np.argsort(-values[part], kind="stable")]]
-
-
-class _Layered:
-    """Greedy + local search over a shortlist, one MoE layer at a time.
-
-    State (arrays over the shortlist S): ``T`` expert compute + port seconds of the current layer,
-    ``count`` experts of the current layer, ``snap`` snapshot port seconds over all layers, ``free``
-    memory. The objective of a layer is its time plus the snapshot time: ``phase + max(snap)``.
-    """
-
-    def __init__(self, t, w, cfg, units, dense_D, free_U, rank_U, *, budget: float) -> None:
-        counts = _tier_counts(t, dense_D, units)
-        inv_bw = counts @ (1.0 / t.links.bandwidth_T)
-        lat = ((counts > 0) * t.links.latency_T).max(axis=1)
-        hosts_dense = counts[:, Tier.UNIT] > 0
-        snap = _snapshot_seconds(t, w, units)
-        kind, flops, free = t.unit_kind_U[units], t.unit_flops_U[units], free_U[units]
-        short = _shortlist(units, rank_U, w.total_experts, kind, flops, free, inv_bw, lat, hosts_dense, snap)
-        self.w, self.units = w, units[short]
-        self.inv_peak = 1.0 / t.unit_flops_U[self.units]
-        self.inv_bw, self.lat4 = inv_bw[short], ROUNDS_PER_LAYER * lat[short]
-        self.dense_host = hosts_dense[short].astype(np.float64)
-        self.snap_add, self.snap = snap[short], np.zeros(len(short))
-        self.free = free_U[self.units].copy()
-        worst = float(self.snap_add.max(initial=0.0))
-        self.budget = budget * worst if budget > 0 and worst > 0 else 0.0
-        self.moves = cfg.max_moves if cfg.max_moves is not None else 2 * w.n_experts
-        self.flops, self.bytes, self.mem = w.flops_X, w.edge_bytes_X, w.memory_X
-
-    def run(self) -> np.ndarray:
-        host_X = np.full(self.w.total_experts, -1, dtype=np.int64)
-        for layer in range(self.w.n_layers):
-            xs = np.arange(layer * self.w.n_experts, (layer + 1) * self.w.n_experts)
-            xs = xs[np.lexsort((xs, -self.bytes[xs], -self.flops[xs]))]
-            self._greedy(xs, host_X)
-            self._search(xs, host_X)
-        return self.units[host_X]
-
-    def _greedy(self, xs: np.ndarray, host_X: np.ndarray) -> None:
-        n_d = self.w.n_dense
-        self.T, self.count = np.zeros(len(self.units)), np.zeros(len(self.units), dtype=np.int64)
-        self.dense_bytes, self.dense_lat, cur = 0.0, 0.0, 0.0
-        for x in xs:
-            link = self.bytes[x] * self.inv_bw
-            dense_new = self.dense_bytes + link / n_d
-            dense_time = dense_new + np.maximum(self.dense_lat, self.lat4)
-            add = self.flops[x] * self.inv_peak + link + np.where(self.count > 0, 0.0, self.lat4)
-            phase = np.maximum(np.maximum(self.T + add + self.dense_host * dense_time, dense_time), cur)
-            snap_max = float(self.snap.max(initial=0.0))
-            delta = (
-                phase
-                - cur
-                + self._over(np.maximum(self.snap + self.snap_add, snap_max))
-                - self._over(snap_max)
-            )
-            delta[self.free < self.mem[x]] = np.inf
-            best = delta.min()
-            if best == np.inf:
-                raise NoRoom(int(x))
-            tie = delta <= best + _TIE * (cur + snap_max)
-            pick = int(np.argmin(np.where(tie, add + link / n_d + self.snap_add, np.inf)))
-            self.T[pick] += add[pick]
-            self.count[pick] += 1
-            self.snap[pick] += self.snap_add[pick]
-            self.free[pick] -= self.mem[x]
-            self.dense_bytes = float(dense_new[pick])
-            self.dense_lat = max(self.dense_lat, float(self.lat4[pick]))
-            host_X[x] = pick
-            cur = max(cur, float(self.T[pick] + self.dense_host[pick] * (self.dense_bytes + self.dense_lat)))
-
-    def _over(self, snap: np.ndarray | float) -> np.ndarray | float:
-        """The snapshot time that counts: what exceeds the budget (nothing, with an infinite one)."""
-        return np.maximum(np.subtract(snap, self.budget), 0.0)
-
-    def _cost(self, xs: np.ndarray | int, s: np.ndarray | int) -> np.ndarray:
-        return self.flops[xs] * self.inv_peak[s] + self.bytes[xs] * self.inv_bw[s]
-
-    def _search(self, xs: np.ndarray, host_X: np.ndarray) -> None:
-        """Apply the best improving move or swap, up to ``moves`` times (each step is O(S + E))."""
-        n_d, S = self.w.n_dense, np.arange(len(self.units))
-        for _ in range(self.moves):
-            dense_time = self.dense_bytes + self.dense_lat
-            T_eff = self.T + self.dense_host * dense_time
-            snap_max = float(self.snap.max(initial=0.0))
-            best, action = (max(float(T_eff.max()), dense_time) + self._over(snap_max)) * (1 - _TIE), None
-            if dense_time >= T_eff.max():
-                movers = xs[np.argsort(-self.bytes[xs] * self.inv_bw[host_X[xs]], kind="stable")[:8]]
-            else:
-                mine = xs[host_X[xs] == int(np.argmax(T_eff))]
-                movers = mine[np.argsort(-self._cost(mine, host_X[mine]), kind="stable")[:8]]
-            top_T, top_snap = _top3(T_eff), _top3(self.snap)
-            for x in movers:
-                h = int(host_X[x])
-                T_h = self.T[h] - self._cost(x, h) - (self.lat4[h] if self.count[h] == 1 else 0.0)
-                # Move x from h to every candidate s.
-                d_time = (
-                    self.dense_bytes + self.bytes[x] * (self.inv_bw - self.inv_bw[h]) / n_d + self.dense_lat
-                )
-                add = self._cost(x, S) + np.where(self.count > 0, 0.0, self.lat4)
-                snap_new = np.maximum.reduce(
-                    [
-                        _max_without(self.snap, top_snap, h, S),
-                        self.snap[h] - self.snap_add[h] + 0 * S,
-                        self.snap + self.snap_add,
-                    ]
-                )
-                new = self._over(snap_new) + np.maximum.reduce(
-                    [
-                        _max_without(T_eff, top_T, h, S),
-                        T_h + self.dense_host[h] * d_time,
-                        self.T + add + self.dense_host * d_time,
-                        d_time,
-                    ]
-                )
-                new[h] = np.inf
-                new[self.free < self.mem[x]] = np.inf
-                s = int(np.argmin(new))
-                if new[s] < best:
-                    best, action = float(new[s]), ("move", x, s, float(add[s]), float(d_time[s]))
-                # Swap x with every expert y of the layer on another unit v (snapshot load unchanged).
-                ys = xs[host_X[xs] != h]
-                if not len(ys):
-                    continue
-                v = host_X[ys]
-                T_hs = T_h + (self.lat4[h] if self.count[h] == 1 else 0.0) + self._cost(ys, h)
-                T_vs = self.T[v] - self._cost(ys, v) + self._cost(x, v)
-                d_s = (
-                    self.dense_bytes
-                    + (self.bytes[x] - self.bytes[ys]) * (self.inv_bw[v] - self.inv_bw[h]) / n_d
-                )
-                d_s = d_s + self.dense_lat
-                new_s = self._over(snap_max) + np.maximum.reduce(
-                    [
-                        _max_without(T_eff, top_T, h, v),
-                        T_hs + self.dense_host[h] * d_s,
-                        T_vs + self.dense_host[v] * d_s,
-                        d_s,
-                    ]
-                )
-                fits = (self.free[v] + self.mem[ys] >= self.mem[x]) & (
-                    self.free[h] + self.mem[x] >= self.mem[ys]
-                )
-                new_s[~fits] = np.inf
-                i = int(np.argmin(new_s))
-                if new_s[i] < best:
-                    best, action = (
-                        float(new_s[i]),
-                        ("swap", x, int(ys[i]), float(T_hs[i]), float(T_vs[i]), float(d_s[i])),
-                    )
-            if action is None:
-                return
-            self._apply(action, host_X)
-
-    def _apply(self, action: tuple, host_X: np.ndarray) -> None:
-        if action[0] == "move":
-            _, x, s, add, d_time = action
-            h = int(host_X[x])
-            self.T[h] -= self._cost(x, h) + (self.lat4[h] if self.count[h] == 1 else 0.0)
-            self.T[s] += add
-            self.count[h] -= 1
-            self.count[s] += 1
-            self.snap[h] -= self.snap_add[h]
-            self.snap[s] += self.snap_add[s]
-            self.free[h] += self.mem[x]
-            self.free[s] -= self.mem[x]
-            host_X[x] = s
-            self.dense_bytes = d_time - self.dense_lat
-            self.dense_lat = float(self.lat4[self.count > 0].max(initial=0.0))
-        else:
-            _, x, y, T_h, T_v, d_time = action
-            h, v = int(host_X[x]), int(host_X[y])
-            self.T[h], self.T[v] = T_h, T_v
-            self.free[h] += self.mem[x] - self.mem[y]
-            self.free[v] += self.mem[y] - self.mem[x]
-            host_X[x], host_X[y] = v, h
-            self.dense_bytes = d_time - self.dense_lat
-
-
-def _shortlist(units, rank_U, keep, *keys) -> np.ndarray:
-    """Positions into ``units``: at most ``keep`` per class of equal ``keys``, lowest seed rank first,
-    returned in seed-rank order (so ``argmin`` ties fall on the seed's choice)."""
-    if not len(units):
-        return np.zeros(0, dtype=np.int64)
-    order = np.lexsort((rank_U[units], *reversed(keys)))
-    sorted_keys = np.stack([np.asarray(k, dtype=np.float64)[order] for k in keys], axis=1)
-    start = np.r_[True, np.any(sorted_keys[1:] != sorted_keys[:-1], axis=1)]
-    first = np.maximum.accumulate(np.where(start, np.arange(len(order)), 0))
-    kept = order[np.arange(len(order)) - first < keep]
-    return kept[np.argsort(rank_U[units[kept]], kind="stable")]

@@ -165,21 +165,53 @@ def kinds_present(topology: Topology, usable_U: np.ndarray) -> dict[str, int]:
     return {k: int(np.sum(usable_U & (topology.unit_kind_U == c))) for c, k in enumerate(topology.kinds)}
 
 
+def replica_capable(topology: Topology, workload: Workload) -> np.ndarray:
+    """Bool per unit: an expert there can have its ``replicas`` on distinct pool nodes the failure-domain
+    rule allows (pools big enough for one snapshot, off its node, and off its rack when racks count)."""
+    t = topology
+    if workload.replicas == 0:
+        return np.ones(t.n_units, dtype=bool)
+    big = t.pool_node_P[t.pool_memory_P >= workload.snapshot_bytes]
+    has_pool_N = np.zeros(t.n_nodes, dtype=bool)
+    has_pool_N[big] = True
+    if len(np.unique(t.pool_rack_P)) > 1:
+        near = np.bincount(t.node_rack_N, weights=has_pool_N, minlength=t.n_racks)[t.unit_rack_U]
+    else:
+        near = has_pool_N[t.unit_node_U]
+    return has_pool_N.sum() - near >= workload.replicas
+
+
 def expert_groups(topology: Topology, workload: Workload, config: PlacerConfig, usable_U: np.ndarray) -> list:
-    """Candidate expert units, one array per kind of ``expert_kinds`` present, in preference order."""
-    groups = []
+    """Candidate expert units, one array per kind of ``expert_kinds`` present, in preference order.
+
+    Units from which an expert's replicas could not obey the failure-domain rule are left out.
+    """
+    t = topology
+    capable = replica_capable(t, workload)
+    groups, seen = [], 0
     for kind in config.expert_kinds:
-        units = topology.units_of_kind(kind)
+        units = t.units_of_kind(kind)
         units = units[usable_U[units]]
+        seen += len(units)
+        units = units[capable[units]]
         if len(units):
             groups.append(units)
-    if not groups:
+    if groups:
+        return groups
+    if seen:
+        rule = "off its node and rack" if len(np.unique(t.pool_rack_P)) > 1 else "off its node"
         raise InfeasiblePlacementError(
-            f"no unit of kind {' or '.join(config.expert_kinds)} to host experts; the usable units are "
-            f"{kinds_present(topology, usable_U)}. Add such units (e.g. zr.init(units={{'npu': 8}}) or a Ray "
-            f"node with resources {{'npu': N}}), or list the kinds you have in PlacerConfig(expert_kinds=...)"
+            f"{workload.replicas} snapshot replica(s) per expert need that many pool nodes {rule}, each "
+            f"with {gib(workload.snapshot_bytes)}; no {'/'.join(config.expert_kinds)} unit has them (the "
+            f"machine has {int((t.pool_memory_P >= workload.snapshot_bytes).sum())} such pool(s) on "
+            f"{t.n_nodes} node(s)). Add memory pools on other nodes and racks, or lower Workload.replicas"
+            + (" (a single-node machine needs replicas=0)" if t.n_nodes == 1 else "")
         )
-    return groups
+    raise InfeasiblePlacementError(
+        f"no unit of kind {' or '.join(config.expert_kinds)} to host experts; the usable units are "
+        f"{kinds_present(t, usable_U)}. Add such units (e.g. zr.init(units={{'npu': 8}}) or a Ray "
+        "node with resources {'npu': N}), or list the kinds you have in PlacerConfig(expert_kinds=...)"
+    )
 
 
 def dense_candidates(topology: Topology, workload: Workload, config: PlacerConfig, usable_U: np.ndarray):
@@ -194,8 +226,9 @@ def dense_candidates(topology: Topology, workload: Workload, config: PlacerConfi
     cands = np.concatenate(parts)
     if len(cands) < workload.n_dense:
         raise InfeasiblePlacementError(
-            f"the workload needs {workload.n_dense} dense unit(s) of kind {' or '.join(config.dense_kinds)} "
-            f"with >= {gib(workload.dense_memory_bytes)} each, but only {len(cands)} exist (usable units: "
+            f"the workload needs {workload.n_dense} dense unit(s) of kind {' or '.join(config.dense_kinds)}"
+            + (f" with >= {gib(workload.dense_memory_bytes)} each" if workload.dense_memory_bytes else "")
+            + f", but only {len(cands)} exist (usable units: "
             f"{kinds_present(topology, usable_U)}). Lower Workload.n_dense, add units, or widen "
             "PlacerConfig(dense_kinds=...)"
         )
@@ -245,14 +278,23 @@ def assign_with_fallback(
 def memory_error(
     workload: Workload, units: np.ndarray, free_U: np.ndarray, x: int
 ) -> InfeasiblePlacementError:
-    layer, expert = workload.expert_id(x)
-    need, total = float(workload.memory_X[x]), float(workload.memory_X.sum())
+    """Name what runs out: the total, or (when the total fits) the room left for one expert."""
     free = np.clip(free_U[units], 0, None)
+    total, have = float(workload.memory_X.sum()), float(free.sum())
+    if total > have:
+        why = (
+            f"the experts need {gib(total)} in all, the {len(units)} candidate unit(s) have {gib(have)} free"
+        )
+    else:
+        layer, expert = workload.expert_id(x)
+        need, most = gib(float(workload.memory_X[x])), gib(float(free.max(initial=0)))
+        why = (
+            f"expert L{layer}/E{expert} needs {need} and no candidate unit has that much left beside the "
+            f"other experts (the roomiest has {most} free before any expert)"
+        )
     return InfeasiblePlacementError(
-        f"not enough unit memory for the experts: expert L{layer}/E{expert} needs {gib(need)}, the largest "
-        f"free space on the {len(units)} candidate unit(s) is {gib(float(free.max(initial=0)))}; all experts "
-        f"need {gib(total)} and the candidates have {gib(float(free.sum()))} free. Add units or memory, or "
-        "shrink the experts (fewer experts, smaller d_ff, fewer tokens per step)"
+        f"not enough unit memory: {why}. Add units or memory, or shrink the experts (fewer experts, smaller "
+        "d_ff, fewer tokens per step)"
     )
 
 

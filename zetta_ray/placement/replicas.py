@@ -21,7 +21,7 @@ from zetta_ray.placement.cost import Workload
 from zetta_ray.placement.plan import InfeasiblePlacementError, gib
 from zetta_ray.placement.topology import Tier, Topology
 
-__all__ = ["place_replicas"]
+__all__ = ["place_replicas", "replicas_with_fallback"]
 
 _TIE = 1e-9
 
@@ -30,11 +30,12 @@ def place_replicas(
     topology: Topology,
     workload: Workload,
     expert_unit_X: np.ndarray,
-    policy: Literal["best", "cyclic", "random"],
+    policy: Literal["best", "roomiest", "cyclic", "random"],
     rng: np.random.Generator,
 ) -> np.ndarray:
     """A pool for every replica: ``(X, R)`` pool ids. ``cyclic`` takes the next allowed pool after the
-    last one used, ``random`` any allowed pool (from ``rng``), ``best`` as the module docstring says."""
+    last one used, ``random`` any allowed pool (from ``rng``), ``roomiest`` the one with the most free
+    bytes, ``best`` as the module docstring says."""
     t, w = topology, workload
     out = np.full((w.total_experts, w.replicas), -1, dtype=np.int64)
     if w.replicas == 0:
@@ -59,6 +60,8 @@ def place_replicas(
                     raise _no_pool(t, w, x, r, node, rack, pools)
                 if policy == "best":
                     p = pools.best(idx, unit, node)[1]
+                elif policy == "roomiest":
+                    p = int(idx[np.argmax(pools.free_P[idx])])
                 elif policy == "cyclic":
                     later = idx[idx >= cursor]
                     p = int(later[0] if len(later) else idx[0])
@@ -69,6 +72,28 @@ def place_replicas(
             taken.append(int(t.pool_node_P[p]))
             pools.take(p, unit, node)
     return out
+
+
+def replicas_with_fallback(
+    topology: Topology,
+    workload: Workload,
+    expert_unit_X: np.ndarray,
+    policy: Literal["best", "roomiest", "cyclic", "random"],
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """``place_replicas`` with ``policy``, then ``roomiest`` and ``cyclic`` if it strands a replica.
+
+    Each policy is greedy, one expert at a time, so one can fill the pools an expert needed while another
+    order of choices fits everyone; ``roomiest`` spreads the bytes as evenly as the rule allows. The
+    first policy's error is raised when all fail.
+    """
+    first: InfeasiblePlacementError | None = None
+    for name in dict.fromkeys([policy, "roomiest", "cyclic"]):
+        try:
+            return place_replicas(topology, workload, expert_unit_X, name, rng)
+        except InfeasiblePlacementError as e:
+            first = first or e
+    raise first
 
 
 class _Pools:

@@ -166,7 +166,7 @@ class Topology:
         self.pool_node_P = _frozen(self.pool_node_P, np.int64)
         self.pool_memory_P = _frozen(self.pool_memory_P, np.int64)
         self.pool_bandwidth_P = _frozen(self.pool_bandwidth_P, np.float64)
-        self.kinds = tuple(self.kinds)
+        self.kinds = tuple(str(k) for k in self.kinds)
         self._validate()
         self.unit_rack_U = _frozen(self.node_rack_N[self.unit_node_U], np.int64)
         self.unit_pod_U = _frozen(self.rack_pod_R[self.unit_rack_U], np.int64)
