@@ -173,3 +173,17 @@ def test_the_example_specs_are_the_validation_runs(file: str, row: str) -> None:
     assert spec.model == published.model
     assert spec.parallel == published.parallel
     assert spec.hardware.name == published.preset
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragment"),
+    [
+        (("units = 64", 'units = "64"'), "hardware.units = '64' must be an integer"),
+        (("units = 64", "units = 64.5"), "must be an integer"),
+        (("unit_mtbf_hours = 50000", 'unit_mtbf_hours = "long"'), r"\[failures\] is incomplete or mistyped"),
+        (("units = 64", "units = 64\ncore_oversubscription = true"), "must be a number"),
+    ],
+)
+def test_values_of_the_wrong_type_are_spec_errors(edit: tuple[str, str], fragment: str) -> None:
+    with pytest.raises(SpecError, match=fragment):
+        parse_spec(_spec(ISSUE_EXAMPLE.replace(*edit, 1)))

@@ -29,7 +29,6 @@ Sources for the presets (datasheet figures, dense, no sparsity):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -250,8 +249,3 @@ def tier_of_span(hw: Hardware, span: int) -> int:
         if hw.domain(k) >= span:
             return k
     return len(hw.tiers) - 1
-
-
-def log2_ceil(n: int) -> int:
-    """Rounds of a tree over ``n`` participants (at least 1 for n > 1)."""
-    return max(1, math.ceil(math.log2(n))) if n > 1 else 0

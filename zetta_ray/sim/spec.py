@@ -132,6 +132,14 @@ def _model(raw: Any) -> ModelSpec:
     return _typed(values, "model", ModelSpec)
 
 
+def _num(value: Any, where: str, kind: type = float) -> Any:
+    """``value`` as ``kind`` (int or float), or a ``SpecError`` naming the key."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or (kind is int and not isinstance(value, int)):
+        raise SpecError(f"{where} = {value!r} must be a{'n integer' if kind is int else ' number'}")
+    return kind(value)
+
+
 def _unit(raw: Any) -> UnitFigures:
     v = _table(raw, "hardware.unit", _UNIT_KEYS)
     peak = _table(
@@ -139,10 +147,10 @@ def _unit(raw: Any) -> UnitFigures:
     )
     return UnitFigures(
         name=str(v.get("name", "unit")),
-        peak_flops={k: float(x) * 1e12 for k, x in peak.items()},
-        hbm_bytes=float(v.get("hbm_gb", 80)) * 1e9,
-        hbm_bandwidth=float(v.get("hbm_bandwidth_gb_s", 3350)) * 1e9,
-        matmul_fraction=float(v.get("matmul_fraction", 0.8)),
+        peak_flops={k: _num(x, f"hardware.unit.peak_tflops.{k}") * 1e12 for k, x in peak.items()},
+        hbm_bytes=_num(v.get("hbm_gb", 80), "hardware.unit.hbm_gb") * 1e9,
+        hbm_bandwidth=_num(v.get("hbm_bandwidth_gb_s", 3350), "hardware.unit.hbm_bandwidth_gb_s") * 1e9,
+        matmul_fraction=_num(v.get("matmul_fraction", 0.8), "hardware.unit.matmul_fraction"),
     )
 
 
@@ -151,12 +159,13 @@ def _tier(raw: Any, i: int) -> TierFigures:
     for key in ("name", "domain_units", "bandwidth_gb_s"):
         if key not in v:
             raise SpecError(f"hardware.tiers[{i}] needs {key!r}")
+    w = f"hardware.tiers[{i}]"
     return TierFigures(
         name=str(v["name"]),
-        domain_units=int(v["domain_units"]),
-        bandwidth=float(v["bandwidth_gb_s"]) * 1e9,
-        latency=float(v.get("latency_us", 5.0)) * 1e-6,
-        oversubscription=float(v.get("oversubscription", 1.0)),
+        domain_units=_num(v["domain_units"], f"{w}.domain_units", int),
+        bandwidth=_num(v["bandwidth_gb_s"], f"{w}.bandwidth_gb_s") * 1e9,
+        latency=_num(v.get("latency_us", 5.0), f"{w}.latency_us") * 1e-6,
+        oversubscription=_num(v.get("oversubscription", 1.0), f"{w}.oversubscription"),
         optical=bool(v.get("optical", False)),
     )
 
@@ -167,29 +176,31 @@ def _hardware(raw: Any) -> Hardware:
     v = _table(raw, "hardware", allowed)
     if "units" not in v:
         raise SpecError("[hardware] needs units = <number of compute units>")
+    units = _num(v["units"], "hardware.units", int)
     if explicit:
         if "unit" not in v or "tiers" not in v:
             raise SpecError(
                 "[hardware] needs either preset = '<name>' or both unit = {...} and tiers = [...]"
             )
         tiers = tuple(_tier(t, i) for i, t in enumerate(v["tiers"]))
-        hw = Hardware(name="custom", units=int(v["units"]), unit=_unit(v["unit"]), tiers=tiers)
+        hw = Hardware(name="custom", units=units, unit=_unit(v["unit"]), tiers=tiers)
     else:
-        hw = preset(str(v["preset"]), units=int(v["units"]))
+        hw = preset(str(v["preset"]), units=units)
     changes: dict[str, Any] = {}
     if "precision" in v:
         changes["precision"] = str(v["precision"])
     if "optical_circuits" in v:
         changes["optical_circuits"] = bool(v["optical_circuits"])
-    if "storage_bandwidth_gb_s" in v:
-        changes["storage_bandwidth"] = float(v["storage_bandwidth_gb_s"]) * 1e9
-    if "memory_pool_gb_per_unit" in v:
-        changes["memory_pool_bytes_per_unit"] = float(v["memory_pool_gb_per_unit"]) * 1e9
-    if "memory_pool_bandwidth_gb_s" in v:
-        changes["memory_pool_bandwidth"] = float(v["memory_pool_bandwidth_gb_s"]) * 1e9
+    for key, name in (
+        ("storage_bandwidth_gb_s", "storage_bandwidth"),
+        ("memory_pool_gb_per_unit", "memory_pool_bytes_per_unit"),
+        ("memory_pool_bandwidth_gb_s", "memory_pool_bandwidth"),
+    ):
+        if key in v:
+            changes[name] = _num(v[key], f"hardware.{key}") * 1e9
     hw = replace(hw, **changes) if changes else hw
     if "core_oversubscription" in v:
-        hw = with_core_taper(hw, float(v["core_oversubscription"]))
+        hw = with_core_taper(hw, _num(v["core_oversubscription"], "hardware.core_oversubscription"))
     return hw
 
 
