@@ -103,3 +103,10 @@ def test_the_simulated_machine_is_a_placement_topology() -> None:
     assert topo.n_units == 1_000_000 and topo.n_nodes == 125_000
     assert topo.n_racks == 125_000 // 32 + 1  # 32 nodes per leaf, one partial rack
     assert topo.links.node.bandwidth == 450e9 and topo.links.rack.bandwidth == 50e9
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.toml")), ids=lambda p: p.stem)
+def test_every_example_spec_simulates(path: Path) -> None:
+    result = simulate(path, placement=False)
+    assert result["step_time_s"] > 0 and 0 < result["mfu"] < 1
+    assert result["memory_per_unit_bytes"] <= result["hardware"]["hbm_bytes_per_unit"]
