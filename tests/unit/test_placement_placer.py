@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zetta_ray.errors import ZettaError
+from zetta_ray.errors import ConfigError, ZettaError
 from zetta_ray.placement import (
     InfeasiblePlacementError,
     PlacementError,
@@ -305,3 +305,17 @@ def test_check_placement_names_broken_rules():
     p.expert_unit_X[:] = 0  # all four 1 GiB experts on one 4 GiB unit, beside the dense unit's share
     with pytest.raises(PlacementError, match="breaks the placement rules: .*replica on its own node"):
         check_placement(t, w, p)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"seed": -1}, r"PlacerConfig.seed=-1"),
+        ({"expert_kinds": "npu"}, r"expert_kinds='npu' must be a non-empty tuple"),
+        ({"dense_kinds": ()}, r"dense_kinds=\(\) must be a non-empty tuple"),
+        ({"rounds": 0}, r"rounds=0 must be >= 1"),
+    ],
+)
+def test_placer_config_validation(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        PlacerConfig(**kwargs)

@@ -16,18 +16,13 @@ from zetta_ray.placement.plan import (
     dense_candidates,
     expert_groups,
     finish,
+    free_after_dense,
     usable_units,
 )
 from zetta_ray.placement.replicas import replicas_with_fallback
 from zetta_ray.placement.topology import Topology
 
 __all__ = ["random_placement", "round_robin"]
-
-
-def _free_after_dense(t: Topology, w: Workload, dense_D: np.ndarray) -> np.ndarray:
-    free_U = t.unit_memory_U.astype(np.float64)
-    np.subtract.at(free_U, dense_D, float(w.dense_memory_bytes))
-    return free_U
 
 
 def round_robin(
@@ -44,7 +39,7 @@ def round_robin(
     usable = usable_units(t, usable_U)
     groups = expert_groups(t, w, cfg, usable)
     dense_D = dense_candidates(t, w, cfg, usable)[: w.n_dense]
-    free_U = _free_after_dense(t, w, dense_D)
+    free_U = free_after_dense(t, w, dense_D)
 
     def cyclic(units: np.ndarray) -> np.ndarray:
         free, out, i = free_U.copy(), np.empty(w.total_experts, dtype=np.int64), 0
@@ -79,7 +74,7 @@ def random_placement(
     rng = np.random.default_rng(cfg.seed)
     groups = expert_groups(t, w, cfg, usable)
     dense_D = rng.choice(dense_candidates(t, w, cfg, usable), size=w.n_dense, replace=False)
-    free_U = _free_after_dense(t, w, dense_D)
+    free_U = free_after_dense(t, w, dense_D)
 
     def anywhere(units: np.ndarray) -> np.ndarray:
         free, out = free_U.copy(), np.empty(w.total_experts, dtype=np.int64)

@@ -41,6 +41,7 @@ from zetta_ray.placement.plan import (
     dense_candidates,
     expert_groups,
     finish,
+    free_after_dense,
     usable_units,
 )
 from zetta_ray.placement.replicas import replicas_with_fallback
@@ -114,8 +115,7 @@ class _Search:
             return False
         self.tried.add(key)
         t, w = self.t, self.w
-        free_U = t.unit_memory_U.astype(np.float64)
-        np.subtract.at(free_U, dense_D, float(w.dense_memory_bytes))
+        free_U = free_after_dense(t, w, dense_D)
         built: list[Layered] = []
 
         def first(units: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from zetta_ray.errors import ZettaError
+from zetta_ray.errors import ConfigError, ZettaError
 from zetta_ray.placement.cost import TOKENS, StepCost, Workload, step_cost
 from zetta_ray.placement.topology import Tier, Topology
 
@@ -64,16 +64,16 @@ class PlacerConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.seed, int) or self.seed < 0:
-            raise PlacementError(f"PlacerConfig.seed={self.seed!r} is invalid: must be an integer >= 0")
+            raise ConfigError(f"PlacerConfig.seed={self.seed!r} is invalid: must be an integer >= 0")
         for name in ("expert_kinds", "dense_kinds"):
             kinds = getattr(self, name)
             if isinstance(kinds, str) or not kinds or not all(isinstance(k, str) for k in kinds):
-                raise PlacementError(f"PlacerConfig.{name}={kinds!r} must be a non-empty tuple of kind names")
+                raise ConfigError(f"PlacerConfig.{name}={kinds!r} must be a non-empty tuple of kind names")
             setattr(self, name, tuple(kinds))
         if self.rounds < 1:
-            raise PlacementError(f"PlacerConfig.rounds={self.rounds} must be >= 1")
+            raise ConfigError(f"PlacerConfig.rounds={self.rounds} must be >= 1")
         if self.max_moves is not None and self.max_moves < 0:
-            raise PlacementError(f"PlacerConfig.max_moves={self.max_moves} must be >= 0, or None (automatic)")
+            raise ConfigError(f"PlacerConfig.max_moves={self.max_moves} must be >= 0, or None (automatic)")
 
 
 @dataclass(kw_only=True, slots=True, eq=False)
@@ -104,25 +104,26 @@ class Placement:
         return [divmod(int(x), self.n_experts) for x in np.flatnonzero(self.expert_unit_X == unit)]
 
     def table(self, topology: Topology, workload: Workload) -> list[dict[str, Any]]:
-        """One JSON-ready row per expert: unit, node, load, compute time, bytes per step on each link."""
-        edges = self.cost.edges
-        tokens = edges.kind_Y == TOKENS
-        rows = []
+        """One JSON-ready row per expert: unit, node, load, compute time, and its links: every edge it
+        has this step (token rows to and from each dense unit, snapshots to each replica pool), with the
+        peer, the tier and the bytes."""
+        t, edges = topology, self.cost.edges
+        order = np.argsort(edges.expert_Y, kind="stable")
+        bounds = np.searchsorted(edges.expert_Y[order], np.arange(len(self.expert_unit_X) + 1))
+        tokens_Y = edges.kind_Y == TOKENS
+        peer_node_Y = np.where(
+            tokens_Y, t.unit_node_U[edges.src_Y], t.pool_node_P[np.where(tokens_Y, 0, edges.dst_Y)]
+        )
         load_X = workload.load_LE.reshape(-1)
+        rows = []
         for x, unit in enumerate(self.expert_unit_X):
-            mine = np.flatnonzero(edges.expert_Y == x)
-            info = topology.unit_info(int(unit))
+            mine = order[bounds[x] : bounds[x + 1]]
+            info = t.unit_info(int(unit))
             links = [
                 {
-                    "kind": "tokens" if tokens[y] else "snapshot",
-                    "peer": (f"unit {edges.src_Y[y]}" if tokens[y] else f"pool {edges.dst_Y[y]}"),
-                    "peer_node": topology.node_name(
-                        int(
-                            topology.unit_node_U[edges.src_Y[y]]
-                            if tokens[y]
-                            else topology.pool_node_P[edges.dst_Y[y]]
-                        )
-                    ),
+                    "kind": "tokens" if tokens_Y[y] else "snapshot",
+                    "peer": f"unit {edges.src_Y[y]}" if tokens_Y[y] else f"pool {edges.dst_Y[y]}",
+                    "peer_node": t.node_name(int(peer_node_Y[y])),
                     "tier": Tier(int(edges.tier_Y[y])).name,
                     "bytes": float(edges.bytes_Y[y]),
                 }
@@ -139,7 +140,7 @@ class Placement:
                     "rack": info["rack"],
                     "load": float(load_X[x]),
                     "compute_s": float(self.cost.expert_compute_s_X[x]),
-                    "token_bytes": float(edges.bytes_Y[mine][tokens[mine]].sum()),
+                    "token_bytes": float(edges.bytes_Y[mine[tokens_Y[mine]]].sum()),
                     "replica_pools": [int(p) for p in self.replica_pool_XR[x]],
                     "links": links,
                 }
@@ -245,6 +246,13 @@ def usable_units(topology: Topology, usable_U: np.ndarray | None) -> np.ndarray:
             f"usable_U must be a bool mask of shape ({topology.n_units},), got {usable.dtype} {usable.shape}"
         )
     return usable
+
+
+def free_after_dense(topology: Topology, workload: Workload, dense_D: np.ndarray) -> np.ndarray:
+    """Bytes free on every unit once the dense units hold their ``dense_memory_bytes``."""
+    free_U = topology.unit_memory_U.astype(np.float64)
+    np.subtract.at(free_U, dense_D, float(workload.dense_memory_bytes))
+    return free_U
 
 
 class NoRoom(Exception):

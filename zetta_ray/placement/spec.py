@@ -153,32 +153,15 @@ def _node_template(entry: Any, where: str) -> _NodeTemplate:
     )
 
 
-@dataclass(slots=True)
-class ExpandedSpec:
-    """A spec flattened to struct-of-arrays, ready for ``Topology``."""
-
-    kinds: tuple[str, ...]
-    unit_kind_U: np.ndarray
-    unit_flops_U: np.ndarray
-    unit_memory_U: np.ndarray
-    unit_node_U: np.ndarray
-    node_rack_N: np.ndarray
-    rack_pod_R: np.ndarray
-    pool_node_P: np.ndarray
-    pool_memory_P: np.ndarray
-    pool_bandwidth_P: np.ndarray
-    rack_names: tuple[str, ...]
-    pod_names: tuple[str, ...]
-
-
 def _named(entry: Mapping[str, Any], default: str, i: int, count: int) -> str:
     if "name" not in entry:
         return default
     return f"{entry['name']}{i}" if count > 1 else str(entry["name"])
 
 
-def expand(spec: Mapping[str, Any]) -> ExpandedSpec:
-    """Expand the nested ``pods > racks > nodes`` counts into flat arrays (units ordered by node)."""
+def expand(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Expand the nested ``pods > racks > nodes`` counts into flat arrays (units ordered by node):
+    keyword arguments for ``Topology`` (all but ``links`` and ``name``)."""
     types = _check_keys(spec.get("node_types", {}), set(spec.get("node_types", {})), "node_types")
     templates: dict[str, _NodeTemplate] = {n: _node_template(t, f"node_types.{n}") for n, t in types.items()}
     if "pods" in spec:
@@ -266,17 +249,17 @@ def expand(spec: Mapping[str, Any]) -> ExpandedSpec:
     u_order = np.argsort(u_node, kind="stable")
     p_node = cat(pools["node"], np.int64)
     p_order = np.argsort(p_node, kind="stable")
-    return ExpandedSpec(
-        kinds=kinds,
-        unit_kind_U=cat(units["kind"], np.int16)[u_order],
-        unit_flops_U=cat(units["flops"], np.float64)[u_order],
-        unit_memory_U=cat(units["memory"], np.int64)[u_order],
-        unit_node_U=u_node[u_order],
-        node_rack_N=node_rack_N,
-        rack_pod_R=np.asarray(rack_pod, dtype=np.int64),
-        pool_node_P=p_node[p_order],
-        pool_memory_P=cat(pools["memory"], np.int64)[p_order],
-        pool_bandwidth_P=cat(pools["bandwidth"], np.float64)[p_order],
-        rack_names=tuple(rack_names),
-        pod_names=tuple(pod_names),
-    )
+    return {
+        "kinds": kinds,
+        "unit_kind_U": cat(units["kind"], np.int16)[u_order],
+        "unit_flops_U": cat(units["flops"], np.float64)[u_order],
+        "unit_memory_U": cat(units["memory"], np.int64)[u_order],
+        "unit_node_U": u_node[u_order],
+        "node_rack_N": node_rack_N,
+        "rack_pod_R": np.asarray(rack_pod, dtype=np.int64),
+        "pool_node_P": p_node[p_order],
+        "pool_memory_P": cat(pools["memory"], np.int64)[p_order],
+        "pool_bandwidth_P": cat(pools["bandwidth"], np.float64)[p_order],
+        "rack_names": tuple(rack_names),
+        "pod_names": tuple(pod_names),
+    }

@@ -329,23 +329,8 @@ class Topology:
         unknown = sorted(set(spec) - allowed)
         if unknown:
             raise ConfigError(f"unknown key(s) {unknown} in the topology spec; allowed: {sorted(allowed)}")
-        x = expand(spec)
-        return cls(
-            kinds=x.kinds,
-            unit_kind_U=x.unit_kind_U,
-            unit_flops_U=x.unit_flops_U,
-            unit_memory_U=x.unit_memory_U,
-            unit_node_U=x.unit_node_U,
-            node_rack_N=x.node_rack_N,
-            rack_pod_R=x.rack_pod_R,
-            pool_node_P=x.pool_node_P,
-            pool_memory_P=x.pool_memory_P,
-            pool_bandwidth_P=x.pool_bandwidth_P,
-            links=LinkTiers.from_spec(spec.get("links", {})),
-            rack_names=x.rack_names,
-            pod_names=x.pod_names,
-            name=str(spec.get("name", "synthetic")),
-        )
+        name = str(spec.get("name", "synthetic"))
+        return cls(**expand(spec), links=LinkTiers.from_spec(spec.get("links", {})), name=name)
 
     @classmethod
     def from_file(cls, path: str | Path) -> Topology:
