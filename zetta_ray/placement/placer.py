@@ -109,7 +109,8 @@ class _Search:
         self.tried: set[tuple[int, ...]] = set()
 
     def try_dense(self, dense_D: np.ndarray) -> bool:
-        """Place the experts around ``dense_D``; False if this dense set was tried before."""
+        """Place the experts around ``dense_D``. False if this dense set was tried before or no plan
+        exists around it (the reason is kept in ``failure``)."""
         key = tuple(sorted(dense_D.tolist()))
         if key in self.tried:
             return False
@@ -122,7 +123,11 @@ class _Search:
             built.append(Layered(t, w, self.cfg, units, dense_D, free_U, self.rank_U))
             return built[-1].run(0.0)
 
-        scores = {0.0: self._score(assign_with_fallback(w, self.groups, free_U, first), dense_D)}
+        try:
+            scores = {0.0: self._score(assign_with_fallback(w, self.groups, free_U, first), dense_D)}
+        except InfeasiblePlacementError as e:  # memory, with these dense units taking their share
+            self.failure = self.failure or e
+            return False
         if w.replicas == 0:
             return self.best is not None
         layered = built[-1]
