@@ -215,10 +215,34 @@ def test_beats_round_robin_and_random_where_things_are_uneven(machine, n_experts
 
 
 def test_a_hand_checked_plan():
-    from tests.unit.test_placement_cost import TINY, tiny_workload
-
-    t = Topology.from_spec(TINY)
-    p = place(t, tiny_workload())
+    # node 0: unit 0 gpu, unit 1 fast npu; node 1: unit 2 slow npu. One hot and one cold expert.
+    t = Topology.from_spec(
+        {
+            "nodes": [
+                {
+                    "units": [
+                        {"kind": "gpu", "flops": 1e6, "memory": 1e9},
+                        {"kind": "npu", "flops": 2e6, "memory": 1e9},
+                    ],
+                    "pools": [{"memory": 1e12, "bandwidth": 1e9}],
+                },
+                {
+                    "units": [{"kind": "npu", "flops": 1e6, "memory": 1e9}],
+                    "pools": [{"memory": 1e12, "bandwidth": 1e9}],
+                },
+            ]
+        }
+    )
+    w = Workload(
+        n_experts=2,
+        top_k=1,
+        d_model=4,
+        d_ff=8,
+        tokens_per_step=100,
+        load=[0.75, 0.25],
+        dense_flops_per_step=1e4,
+    )
+    p = place(t, w)
     assert p.dense_unit_D.tolist() == [0], "the only gpu"
     assert p.expert_unit_X.tolist() == [1, 2], "the hot expert on the fast npu next to the router"
     assert p.replica_pool_XR.tolist() == [[1], [0]], "each replica on the other node"
