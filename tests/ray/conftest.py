@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import ray
 
@@ -12,6 +14,9 @@ import zetta_ray as zr
 def ray_cluster():
     if ray.is_initialized():
         ray.shutdown()
+    # ray.init() exports RAY_ADDRESS for the driver; after the previous module's shutdown it names a
+    # cluster that is gone, and zr.init would try to join it. Each module starts its own.
+    os.environ.pop("RAY_ADDRESS", None)
     zr.init(num_cpus=2)
     yield
     ray.shutdown()
