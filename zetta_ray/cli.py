@@ -1,12 +1,20 @@
 """The ``zetta-ray`` command.
 
     zetta-ray train [--config FILE.toml] [--steps N] [--seed S] [--address ADDR] [--metrics-json PATH]
+    zetta-ray plan [--topology FILE | --address ADDR] [--config FILE.toml] [--tokens-per-step N]
+                   [--zipf EXPONENT] [--replicas R] [--dense-units D] [--seed S] [--limit N] [--json PATH]
+    zetta-ray simulate SPEC.toml [--json]
 
 ``train`` runs ``zetta_ray.trainer.train``: an MoE transformer on the byte-level standard-library corpus,
 with a progress bar on stderr and a one-line summary on stdout. Settings come from the dataclass
 defaults, then the TOML file (tables ``[model]``, ``[train]``, ``[runtime]`` map onto ``zr.MoEConfig``,
 ``zr.TrainConfig`` and ``zr.RuntimeConfig``), then the command-line flags. Each subcommand is a
 ``_cmd_<name>`` function registered in ``build_parser``.
+
+``plan`` places the experts of the ``[model]`` in ``--config`` with ``zetta_ray.placement.place`` on a
+synthetic machine (``--topology FILE``, no cluster needed) or on the live Ray cluster, and prints the
+plan as a table; ``--json PATH`` writes all of it. ``simulate`` runs ``zetta_ray.sim`` on a spec file
+(see docs/simulator.md).
 
 Errors that zetta_ray raises on purpose (``ZettaError``, including ``ConfigError``) end the command with a
 one-line message and exit status 2 (configuration) or 1 (anything else), never a traceback.
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import types
 import typing
@@ -24,10 +33,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import ray
 from tqdm import tqdm
 
+import zetta_ray as zr
 from zetta_ray.config import MoEConfig, RuntimeConfig, TrainConfig, from_mapping
 from zetta_ray.errors import ConfigError, ZettaError
+from zetta_ray.placement import (
+    InfeasiblePlacementError,
+    Placement,
+    PlacerConfig,
+    Tier,
+    Topology,
+    Workload,
+    place,
+    round_robin,
+    zipf_load,
+)
+from zetta_ray.placement.cost import TOKENS
+from zetta_ray.sim import main_simulate
 from zetta_ray.trainer import StepMetrics, train
 
 if sys.version_info >= (3, 11):
@@ -35,7 +60,15 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["RunConfig", "build_parser", "load_config", "main"]
+__all__ = [
+    "RunConfig",
+    "build_parser",
+    "default_replicas",
+    "format_plan",
+    "load_config",
+    "main",
+    "plan_document",
+]
 
 _TABLES: dict[str, type] = {"model": MoEConfig, "train": TrainConfig, "runtime": RuntimeConfig}
 
@@ -146,6 +179,329 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_train)
 
 
+# -- plan -------------------------------------------------------------------------------------------------
+
+#: Snapshot replicas per expert that ``plan`` asks for at most when ``--replicas`` is not given.
+MAX_DEFAULT_REPLICAS = 2
+
+
+def default_replicas(topology: Topology) -> int:
+    """Snapshot replicas per expert when ``--replicas`` is not given: as many as any expert can have, up to 2.
+
+    A replica never shares its expert's node (nor its rack when the memory pools span racks), so the
+    count is the pool nodes outside the fullest rack (or, with one rack, the pool nodes but one), capped
+    at ``MAX_DEFAULT_REPLICAS``: 0 on a single node, 1 on two nodes, 2 from three nodes on. Every unit
+    stays eligible for experts, whatever its rack.
+    """
+    t = topology
+    pool_nodes = np.unique(t.pool_node_P)
+    if len(np.unique(t.pool_rack_P)) > 1:
+        room = len(pool_nodes) - int(np.bincount(t.node_rack_N[pool_nodes]).max())
+    else:
+        room = len(pool_nodes) - 1
+    return max(0, min(MAX_DEFAULT_REPLICAS, room))
+
+
+_FLAG_HINT = (
+    "(zetta-ray plan flags: --replicas sets Workload.replicas, --dense-units Workload.n_dense; "
+    "--tokens-per-step and the [model] table of --config size the experts)"
+)
+
+
+def _plan_topology(args: argparse.Namespace) -> Topology:
+    if args.topology is not None:
+        return Topology.from_file(args.topology)
+    zr.init(args.address)
+    return Topology.from_ray_nodes(ray.nodes(), name="ray-cluster")
+
+
+def _plan_workload(args: argparse.Namespace, topology: Topology) -> Workload:
+    cfg = load_config(args.config)
+    tokens = args.tokens_per_step
+    if tokens is None:
+        tokens = cfg.train.batch_size * cfg.model.seq_len  # what one `zetta-ray train` step routes
+    load = zipf_load(cfg.model.n_experts, args.zipf, seed=args.seed) if args.zipf else None
+    replicas = default_replicas(topology) if args.replicas is None else args.replicas
+    return Workload.from_moe_config(
+        cfg.model, tokens_per_step=tokens, load=load, replicas=replicas, n_dense=args.dense_units
+    )
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def _link_tiers(topology: Topology, plan: Placement) -> list[dict[str, Any]]:
+    """Per link tier that carries bytes: its bandwidth and latency, and the plan's bytes per step on it."""
+    e = plan.cost.edges
+    rows = []
+    for tier in Tier:
+        mine = e.tier_Y == tier
+        if not mine.any():
+            continue
+        tokens = mine & (e.kind_Y == TOKENS)
+        rows.append(
+            {
+                "tier": tier.name,
+                "bandwidth_bytes_per_s": _finite(topology.links.bandwidth_T[tier]),
+                "latency_s": float(topology.links.latency_T[tier]),
+                "edges": int(mine.sum()),
+                "token_bytes": float(e.bytes_Y[tokens].sum()),
+                "snapshot_bytes": float(e.bytes_Y[mine & ~tokens].sum()),
+            }
+        )
+    return rows
+
+
+def _round_robin(topology: Topology, workload: Workload) -> dict[str, Any]:
+    try:
+        rr = round_robin(topology, workload)
+    except InfeasiblePlacementError as e:
+        return {"error": " ".join(str(e).split())}
+    return {"step_time_s": rr.step_time_s, "cost": rr.cost.to_dict()}
+
+
+def _workload_summary(w: Workload, zipf: float | None) -> dict[str, Any]:
+    return {
+        "n_layers": w.n_layers,
+        "n_experts": w.n_experts,
+        "top_k": w.top_k,
+        "d_model": w.d_model,
+        "d_ff": w.d_ff,
+        "tokens_per_step": w.tokens_per_step,
+        "load": f"zipf exponent {zipf:g}" if zipf else "uniform",
+        "n_dense": w.n_dense,
+        "replicas": w.replicas,
+        "snapshot_bytes": w.snapshot_bytes,
+        "max_expert_memory_bytes": float(w.memory_X.max()),
+    }
+
+
+def plan_document(
+    topology: Topology, workload: Workload, plan: Placement, *, zipf: float | None = None
+) -> dict[str, Any]:
+    """What ``zetta-ray plan --json`` writes: ``Placement.to_dict`` (method, seed, topology summary, cost,
+    dense units, one row per expert with its links), the workload, bytes per link tier, and the
+    round-robin baseline's predicted step time (or why it cannot place the workload)."""
+    baseline = _round_robin(topology, workload)
+    doc = plan.to_dict(topology, workload)
+    doc.update(
+        step_time_s=plan.step_time_s,
+        workload=_workload_summary(workload, zipf),
+        link_tiers=_link_tiers(topology, plan),
+        round_robin=baseline,
+    )
+    if "step_time_s" in baseline:
+        doc["speedup_vs_round_robin"] = baseline["step_time_s"] / plan.step_time_s
+    return doc
+
+
+def _bytes(n: float) -> str:
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {prefix}B"
+    return f"{n:.3g} B"
+
+
+def _secs(s: float) -> str:
+    if s == 0:
+        return "0 s"
+    for scale, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "us")):
+        if s >= scale:
+            return f"{s / scale:.3g} {unit}"
+    return f"{s / 1e-9:.3g} ns"
+
+
+def _short(name: str, width: int = 24) -> str:
+    """A node name fit for a column: Ray node ids (56 hex digits) keep their first 12."""
+    return name if len(name) <= width else name[:12] + "..."
+
+
+def _columns(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> list[str]:
+    """Aligned text columns; the columns in ``right`` are right-aligned."""
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        out = (
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+        return ("  " + "  ".join(out)).rstrip()
+
+    return [line(header), *(line(r) for r in rows)]
+
+
+def _expert_row(row: dict[str, Any]) -> list[str]:
+    tokens: dict[str, float] = {}
+    snaps = []
+    for link in row["links"]:
+        if link["kind"] == "tokens":
+            tokens[link["tier"]] = tokens.get(link["tier"], 0.0) + link["bytes"]
+        else:
+            snaps.append(f"{link['tier']} {_bytes(link['bytes'])} to {_short(link['peer_node'])}")
+    return [
+        f"L{row['layer']}/E{row['expert']}",
+        str(row["unit"]),
+        row["kind"],
+        _short(row["node"]),
+        f"{row['load']:.1%}",
+        ", ".join(f"{tier} {_bytes(b)}" for tier, b in tokens.items()),
+        "; ".join(snaps) or "-",
+    ]
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
+def _header_lines(doc: dict[str, Any]) -> list[str]:
+    t, w = doc["topology"], doc["workload"]
+    kinds = ", ".join(f"{k} {v['units']:,}" for k, v in t["kinds"].items() if v["units"])
+    dense = "; ".join(f"unit {d['unit']} ({d['kind']}, node {_short(d['node'])})" for d in doc["dense"])
+    replicas = w["replicas"]
+    snapshots = (
+        f"{_count(replicas, 'snapshot replica')} per expert ({_bytes(w['snapshot_bytes'])} each)"
+        if replicas
+        else "no snapshot replicas"
+    )
+    return [
+        f"zetta-ray plan: {t['name']}, {t['units']:,} units ({kinds}) on {_count(t['nodes'], 'node')}, "
+        f"{_count(t['racks'], 'rack')}, {_count(t['pods'], 'pod')}; {_count(t['pools'], 'memory pool')}",
+        f"  workload  {_count(w['n_layers'], 'MoE layer')} x {w['n_experts']} experts, top-{w['top_k']}, "
+        f"d_model {w['d_model']}, d_ff {w['d_ff']}; {w['tokens_per_step']:,} tokens/step, load "
+        f"{w['load']}; {_count(w['n_dense'], 'dense unit')}; {snapshots}",
+        f"  dense     {dense}",
+        f"  method    {doc['method']} (seed {doc['seed']})",
+    ]
+
+
+def _tier_lines(doc: dict[str, Any]) -> list[str]:
+    rr = doc["round_robin"].get("cost", {}).get("bytes_by_tier", {})
+    rows = [
+        [
+            r["tier"],
+            "-" if r["bandwidth_bytes_per_s"] is None else _bytes(r["bandwidth_bytes_per_s"]) + "/s",
+            _secs(r["latency_s"]) if r["latency_s"] else "-",
+            f"{r['edges']:,}",
+            _bytes(r["token_bytes"]),
+            _bytes(r["snapshot_bytes"]),
+            _bytes(r["token_bytes"] + r["snapshot_bytes"]),
+            _bytes(rr.get(r["tier"], 0.0)) if rr else "-",
+        ]
+        for r in doc["link_tiers"]
+    ]
+    header = ["tier", "bandwidth", "latency", "edges", "token rows", "snapshots", "total", "round-robin"]
+    return ["  bytes per step by link tier:", *_columns(header, rows, right={1, 2, 3, 4, 5, 6, 7})]
+
+
+def _step_lines(doc: dict[str, Any]) -> list[str]:
+    c, rr = doc["cost"], doc["round_robin"]
+    lines = [
+        f"  predicted step {_secs(c['step_time_s'])}: dense compute {_secs(c['dense_compute_s'])}, "
+        f"MoE layers {_secs(sum(c['layer_time_s']))}, snapshots {_secs(c['snapshot_s'])}"
+    ]
+    if "error" in rr:
+        lines.append(f"  round-robin    cannot place this workload: {rr['error']}")
+    else:
+        lines.append(
+            f"  round-robin    {_secs(rr['step_time_s'])} predicted "
+            f"(this plan is {doc['speedup_vs_round_robin']:.2f}x as fast)"
+        )
+    return lines
+
+
+def format_plan(doc: dict[str, Any], *, limit: int = 64) -> str:
+    """The text ``zetta-ray plan`` prints for a ``plan_document``: a header, the first ``limit`` experts
+    (all when ``limit`` is 0), bytes per link tier against round-robin, and the predicted step time."""
+    experts = doc["experts"]
+    shown = experts if limit <= 0 else experts[:limit]
+    header = ["expert", "unit", "kind", "node", "load", "token rows/step", "snapshots/step"]
+    lines = [*_header_lines(doc), ""]
+    lines += _columns(header, [_expert_row(r) for r in shown], right={1, 4})
+    if len(shown) < len(experts):
+        lines.append(
+            f"  ... {len(shown):,} of {len(experts):,} experts shown; --limit 0 shows all, --json PATH "
+            "writes all"
+        )
+    return "\n".join([*lines, "", *_tier_lines(doc), "", *_step_lines(doc)])
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    topology = _plan_topology(args)
+    workload = _plan_workload(args, topology)
+    try:
+        plan = place(topology, workload, PlacerConfig(seed=args.seed))
+    except InfeasiblePlacementError as e:
+        raise InfeasiblePlacementError(f"{e} {_FLAG_HINT}") from e
+    doc = plan_document(topology, workload, plan, zipf=args.zipf)
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(format_plan(doc, limit=args.limit) + (f"\n  plan written to {args.json}" if args.json else ""))
+    return 0
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="place the experts on a synthetic machine or the live cluster and print the plan",
+        description="Place the experts, dense units and snapshot replicas of the [model] in --config with "
+        "zetta_ray.placement.place, and print where each expert goes, the bytes per step on each of its "
+        "links and the predicted step time against round-robin. Infeasible plans exit 1 with the reason.",
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--topology", metavar="FILE", help="synthetic machine spec (.toml or .json); no cluster"
+    )
+    where.add_argument(
+        "--address", help="Ray cluster to plan on (default: RAY_ADDRESS, else a local cluster)"
+    )
+    p.add_argument("--config", metavar="FILE.toml", help="TOML whose [model] table is the zr.MoEConfig")
+    p.add_argument(
+        "--tokens-per-step",
+        type=int,
+        metavar="N",
+        help="routed tokens per step (default: batch_size x seq_len)",
+    )
+    p.add_argument(
+        "--zipf",
+        type=float,
+        metavar="EXPONENT",
+        help="skewed expert load ~ 1/rank^EXPONENT (default: uniform)",
+    )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        metavar="R",
+        help="snapshot replicas per expert (default: as many as the failure domains allow, up to 2; "
+        "0 on one node)",
+    )
+    p.add_argument("--dense-units", type=int, default=1, metavar="D", help="dense/router units (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="placer tie-breaks and the Zipf shuffle (default 0)")
+    p.add_argument("--limit", type=int, default=64, metavar="N", help="experts to print (default 64; 0: all)")
+    p.add_argument("--json", metavar="PATH", help="write the whole plan as JSON")
+    p.set_defaults(func=_cmd_plan)
+
+
+# -- simulate ---------------------------------------------------------------------------------------------
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    return main_simulate(args.spec, as_json=args.json)
+
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="predict step time, memory, MFU and goodput of a model on a simulated machine",
+        description="Run the zettascale simulator (zetta_ray.sim) on a spec file; see docs/simulator.md.",
+    )
+    p.add_argument("spec", metavar="SPEC.toml", help="simulator spec: [model], [hardware], [parallel] ...")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    p.set_defaults(func=_cmd_simulate)
+
+
 # -- entry point ------------------------------------------------------------------------------------------
 
 
@@ -156,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
+    _add_plan(sub)
+    _add_simulate(sub)
     return parser
 
 
