@@ -21,7 +21,9 @@ import ray
 import torch
 from torch import nn
 
+from zetta_ray.actors.snapshot import restore_unit, unit_snapshot
 from zetta_ray.actors.wire import from_wire, to_wire
+from zetta_ray.checkpoint import decode_snapshot, encode_snapshot
 
 __all__ = ["ComputeUnit", "ComputeUnitActor"]
 
@@ -189,6 +191,27 @@ class ComputeUnit:
         pending = self._delays.get(phase)
         if pending:
             time.sleep(pending.pop())
+
+    # -- snapshots (trickle checkpointing; see actors/snapshot.py and docs/recovery.md) -----------------
+
+    def snapshot(self, step: int) -> bytes:
+        """This unit's state after ``step`` completed optimizer steps, as verified snapshot bytes."""
+        return encode_snapshot(unit_snapshot(self, step))
+
+    def snapshot_to(self, step: int, pools: list[Any]) -> list[ray.ObjectRef]:
+        """Encode this unit's snapshot once and hand it to each MemoryPool actor in ``pools``.
+
+        Returns the pools' ``put`` results (ObjectRefs of the bytes each stored) without waiting for
+        them, so the unit goes on serving calls while the bytes travel. Each pool keeps its own copy,
+        which outlives this unit; the refs themselves belong to this unit (a caller that waits on them
+        after the unit died gets an error, and should not count those replicas as stored).
+        """
+        blob = ray.put(self.snapshot(step))  # one object in this node's store, read by every pool
+        return [pool.put.remote(self.unit_id, step, blob) for pool in pools]
+
+    def restore(self, blob: bytes) -> int:
+        """Load a snapshot made by ``snapshot`` (checking every tensor's sha256); return its step."""
+        return restore_unit(self, decode_snapshot(blob, source=f"unit {self.unit_id} snapshot"))
 
 
 ComputeUnitActor = ray.remote(max_restarts=0, max_task_retries=0)(ComputeUnit)

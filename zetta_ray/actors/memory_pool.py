@@ -1,0 +1,188 @@
+"""MemoryPool: the actor that holds snapshot replicas, so a snapshot outlives the unit that made it.
+
+In Ray an object belongs to the process that created it; when that process dies, the object is lost,
+even if copies of its bytes sit in other nodes' object stores. A snapshot that only its unit owns would
+die with the unit, which is exactly when it is needed. So each unit hands its encoded snapshot
+(``actors.snapshot``, ``checkpoint.encode_snapshot``) to MemoryPool actors on R other nodes, and each
+pool keeps its own copy in its own heap: the ``bytes`` argument of ``put`` arrives deserialized in the
+pool's process, so the pool owns it outright and byte accounting is exact. The copy lives as long as
+the pool does; a pool that dies loses its copies (the other replicas remain).
+
+Blobs are keyed by ``(unit, step)``: the owner part (a unit index, or a name such as ``"controller"``)
+and the number of optimizer steps completed when the snapshot was taken. ``put`` reads the blob's
+manifest (its header only; ``checkpoint.read_manifest``) and refuses one whose step is not the key's.
+
+The byte limit protects the node: a put that would pass it first evicts that owner's older steps (a
+newer snapshot of a part makes its older ones useless for recovery) and, if the blob still does not
+fit, raises ``PoolFullError`` without evicting anything. Steps of other owners are never evicted: they
+may be the last copy someone needs.
+
+``MemoryPool`` is a plain class (testable in-process); ``MemoryPoolActor`` is the Ray actor. It asks
+for no CPU (it is idle between puts); place it with a scheduling strategy (node affinity or a
+placement-group bundle) on the node that should hold the replicas.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import ray
+
+from zetta_ray.checkpoint import read_manifest
+from zetta_ray.errors import ConfigError, ZettaError
+
+__all__ = ["MemoryPool", "MemoryPoolActor", "PoolFullError", "SnapshotNotHeldError"]
+
+logger = logging.getLogger(__name__)
+
+Owner = int | str  # a unit index, or a part name such as "controller"
+
+
+class PoolFullError(ZettaError, MemoryError):
+    """A snapshot does not fit in a MemoryPool even after evicting its owner's older steps.
+
+    Attributes: ``pool``, ``unit``, ``step``, ``needed`` (bytes of the blob), ``free`` (bytes free after
+    the possible evictions) and ``limit`` (the pool's byte limit).
+    """
+
+    def __init__(self, message: str, **attrs: Any):
+        super().__init__(message)
+        for name in ("pool", "unit", "step", "needed", "free", "limit"):
+            setattr(self, name, attrs.get(name))
+
+
+class SnapshotNotHeldError(ZettaError, LookupError):
+    """A MemoryPool holds no snapshot under the requested key. The message lists what it holds."""
+
+    def __init__(self, message: str, **attrs: Any):
+        super().__init__(message)
+        for name in ("pool", "unit", "step", "held"):
+            setattr(self, name, attrs.get(name))
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} B"
+
+
+class MemoryPool:
+    """A keyed store of snapshot blobs with a byte limit. See the module docstring.
+
+    Args:
+        limit_bytes: the most bytes of blobs this pool holds at once.
+        name: how errors and ``stats()`` name this pool (``"pool-1"``).
+    """
+
+    def __init__(self, limit_bytes: int, name: str = "pool"):
+        if not isinstance(limit_bytes, int) or isinstance(limit_bytes, bool) or limit_bytes <= 0:
+            raise ConfigError(f"MemoryPool(limit_bytes={limit_bytes!r}) is invalid: give a byte count > 0")
+        self.limit_bytes = limit_bytes
+        self.name = name
+        self._blobs: dict[tuple[Owner, int], bytes] = {}
+        self._used = 0
+
+    # -- store ----------------------------------------------------------------------------------------
+
+    def put(self, unit: Owner, step: int, blob: bytes | bytearray | memoryview) -> int:
+        """Hold a copy of ``blob``, the snapshot of ``unit`` after ``step`` steps; return its byte count.
+
+        A blob already held under the same key is replaced. If the pool would pass its limit, ``unit``'s
+        steps older than ``step`` are evicted first; ``PoolFullError`` if it still would not fit (then
+        nothing is evicted).
+        """
+        # A ``bytes`` argument of a Ray call is already this process's own copy; anything else (a view
+        # into memory someone else owns) is copied now.
+        data = blob if type(blob) is bytes else bytes(blob)
+        manifest_step = read_manifest(data, source=f"{self.name}: unit {unit} step {step}").step
+        if manifest_step != step:
+            raise ValueError(
+                f"{self.name}: put(unit={unit!r}, step={step}) got the snapshot of step {manifest_step}; "
+                "key a snapshot by the step it was taken at (Snapshot.step)"
+            )
+        key = (unit, step)
+        older = sorted(s for u, s in self._blobs if u == unit and s < step)
+        reclaimable = sum(len(self._blobs[(unit, s)]) for s in older)
+        free = self.limit_bytes - self._used + len(self._blobs.get(key, b""))
+        if len(data) > free + reclaimable:
+            raise PoolFullError(
+                f"{self.name} cannot hold the snapshot of unit {unit!r} at step {step}: it needs "
+                f"{_mb(len(data))} ({len(data)} bytes) but only {_mb(free + reclaimable)} would be free "
+                f"of the {_mb(self.limit_bytes)} limit ({self.limit_bytes} bytes) even after evicting "
+                f"unit {unit!r}'s older steps {older}. Raise MemoryPool(limit_bytes=...), start more "
+                "pools, or drop_before() steps no recovery needs.",
+                pool=self.name,
+                unit=unit,
+                step=step,
+                needed=len(data),
+                free=free + reclaimable,
+                limit=self.limit_bytes,
+            )
+        for s in older:
+            if len(data) <= free:
+                break
+            free += len(self._blobs[(unit, s)])
+            self._forget((unit, s))
+            logger.info("%s: evicted unit %r step %d to make room for step %d", self.name, unit, s, step)
+        self._forget(key)
+        self._blobs[key] = data
+        self._used += len(data)
+        return len(data)
+
+    def get(self, unit: Owner, step: int | None = None) -> bytes:
+        """The blob of ``unit`` at ``step``, or its newest when ``step`` is None."""
+        held = self.steps(unit)
+        if step is None and held:
+            step = held[-1]
+        if step is None or (unit, step) not in self._blobs:
+            what = f"step {step}" if step is not None else "any step"
+            raise SnapshotNotHeldError(
+                f"{self.name} holds no snapshot of unit {unit!r} at {what}; it holds steps {held} of that "
+                f"unit and units {self.units()} in all. Restore from another replica or an older step.",
+                pool=self.name,
+                unit=unit,
+                step=step,
+                held=held,
+            )
+        return self._blobs[(unit, step)]
+
+    def steps(self, unit: Owner) -> list[int]:
+        """The steps held for ``unit``, oldest first."""
+        return sorted(s for u, s in self._blobs if u == unit)
+
+    def units(self) -> list[Owner]:
+        """The owners with at least one snapshot here."""
+        return sorted({u for u, _ in self._blobs}, key=lambda u: (type(u).__name__, u))
+
+    def drop_before(self, unit: Owner, step: int) -> int:
+        """Forget ``unit``'s snapshots older than ``step``; return the bytes freed."""
+        freed = 0
+        for s in self.steps(unit):
+            if s < step:
+                freed += len(self._blobs[(unit, s)])
+                self._forget((unit, s))
+        return freed
+
+    # -- control ----------------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Bytes used and the limit, the keys held, and where this pool runs (node id, pid)."""
+        return {
+            "name": self.name,
+            "bytes_used": self._used,
+            "limit_bytes": self.limit_bytes,
+            "keys": sorted(self._blobs, key=lambda k: (type(k[0]).__name__, k)),
+            "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
+            "pid": os.getpid(),
+        }
+
+    def ping(self) -> str:
+        return self.name
+
+    def _forget(self, key: tuple[Owner, int]) -> None:
+        blob = self._blobs.pop(key, None)
+        if blob is not None:
+            self._used -= len(blob)
+
+
+MemoryPoolActor = ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)(MemoryPool)
