@@ -27,6 +27,8 @@ from zetta_ray.api import (
 from zetta_ray.config import MoEConfig, RuntimeConfig, TrainConfig
 from zetta_ray.experts import ExpertFFN, MoELayer
 from zetta_ray.models import MoETransformer
+from zetta_ray.placement.plan import PlacerConfig
+from zetta_ray.placement.slice_plan import SliceRequest
 
 __version__ = "0.1.0"
 
@@ -39,7 +41,9 @@ __all__ = [
     "MoEConfig",
     "MoELayer",
     "MoETransformer",
+    "PlacerConfig",
     "RuntimeConfig",
+    "SliceRequest",
     "TrainConfig",
     "current_mesh",
     "data",

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 __all__ = [
     "ConfigError",
     "DeadlineExceeded",
+    "InfeasibleSliceError",
     "UnitFailed",
     "UnitFault",
     "UnsupportedError",
@@ -24,6 +25,14 @@ class ZettaError(Exception):
 
 class ConfigError(ZettaError, ValueError):
     """A configuration value is invalid. The message names the field, the value and the fix."""
+
+
+class InfeasibleSliceError(ZettaError, ValueError):
+    """A slice (a job's share of the cluster) that the cluster cannot hold.
+
+    Raised before any placement group is left pending: the message lists what is missing and the largest
+    request that would fit.
+    """
 
 
 class UnsupportedError(ZettaError, ValueError):

@@ -145,7 +145,7 @@ class _OneMoELayer(torch.nn.Module):
 def test_eval_keeps_nothing_and_idle_experts_are_not_called():
     torch.manual_seed(0)
     model = _OneMoELayer()
-    with torch.no_grad():  # positive inputs go to experts 0 and 1, both on unit 0 of 4
+    with torch.no_grad():  # positive inputs go to experts 0 and 1 only
         model.moe.gate.weight.fill_(-1.0)
         model.moe.gate.weight[0].fill_(1.0)
         model.moe.gate.weight[1].fill_(0.5)
@@ -156,9 +156,9 @@ def test_eval_keeps_nothing_and_idle_experts_are_not_called():
             y = dmodel(x)
         torch.testing.assert_close(y, expected)
         units = dmodel.units()
-        assert units[0]["calls"].get("forward") == 1
-        for u in units[1:]:
-            assert u["calls"].get("forward", 0) == 0, u
+        busy = {dmodel.placement[(0, 0)]["unit"], dmodel.placement[(0, 1)]["unit"]}
+        for u in units:
+            assert u["calls"].get("forward", 0) == (1 if u["unit"] in busy else 0), u
         assert all(u["saved"] == 0 for u in units)
 
 
@@ -179,7 +179,8 @@ def test_stalled_expert_raises_named_deadline_not_a_hang():
         assert err.value.unit == 1
         assert err.value.phase == "backward"
         assert err.value.step == 0
-        assert err.value.experts and all(4 <= e < 8 for _, e in err.value.experts)
+        on_unit_1 = {key for key, where in dmodel.placement.items() if where["unit"] == 1}
+        assert err.value.experts and set(err.value.experts) <= on_unit_1
         assert "unit 1" in str(err.value) and "deadline" in str(err.value)
         assert elapsed < 15, elapsed
     finally:

@@ -16,6 +16,10 @@ from zetta_ray.api.optim import DistributedOptimizer
 from zetta_ray.config import RuntimeConfig
 from zetta_ray.errors import ConfigError, UnsupportedError
 from zetta_ray.experts.moe import MoELayer
+from zetta_ray.placement.cost import Workload
+from zetta_ray.placement.plan import PlacerConfig
+from zetta_ray.placement.slice_plan import SliceRequest
+from zetta_ray.placement.slices import reserve_slice
 from zetta_ray.runtime import ExpertRuntime, Layout, RemoteExperts
 
 __all__ = ["DistributedModule", "parallelize"]
@@ -29,7 +33,14 @@ class DistributedModule:
     context manager) to release its actors.
     """
 
-    def __init__(self, module: nn.Module, strategy: ExpertParallel, runtime: RuntimeConfig | None = None):
+    def __init__(
+        self,
+        module: nn.Module,
+        strategy: ExpertParallel,
+        runtime: RuntimeConfig | None = None,
+        slice: SliceRequest | None = None,
+        placer: PlacerConfig | None = None,
+    ):
         self.strategy = strategy
         self.runtime_config = runtime or RuntimeConfig()
         layers = [(name, m) for name, m in module.named_modules() if isinstance(m, MoELayer)]
@@ -45,17 +56,39 @@ class DistributedModule:
                     f"({layer.n_experts}) of MoE layer {name!r}; choose a degree among the divisors of "
                     f"{layer.n_experts}"
                 )
+        request = slice or SliceRequest(units=strategy.degree, unit_cpus=self.runtime_config.unit_num_cpus)
+        if request.units != strategy.degree:
+            raise ConfigError(
+                f"SliceRequest(units={request.units}) does not match "
+                f"ExpertParallel(degree={strategy.degree}); a slice holds one unit per degree"
+            )
         init()
         self._keys = list(module.state_dict().keys())
         self._expert_prefix = {i: f"{name}.experts." for i, (name, _) in enumerate(layers)}
         experts = [list(layer.experts) for _, layer in layers]
-        layout = Layout.blocks(strategy.degree, tuple(len(e) for e in experts))
-        self._runtime = ExpertRuntime.launch(experts, layout, self.runtime_config)
+        self._slice = reserve_slice(request, _workload([layer for _, layer in layers]), placer)
+        try:
+            layout = Layout(request.units, self._slice.plan.unit_LE)
+            options = [self._slice.actor_options(b) for b in self._slice.units]
+            self._runtime = ExpertRuntime.launch(experts, layout, self.runtime_config, options)
+        except BaseException:
+            self._slice.remove()
+            raise
         for i, (_, layer) in enumerate(layers):
             layer.experts = nn.ModuleList()  # the experts now live on the units
             layer.executor = RemoteExperts(self._runtime, i)
         self.module = module
         self._closed = False
+
+    @property
+    def placement(self) -> dict[tuple[int, int], dict[str, Any]]:
+        """For every expert ``(layer, expert)``: its compute unit, the unit's node id and bundle index."""
+        out = {}
+        for layer, units in enumerate(self._runtime.layout.unit_LE):
+            for expert, u in enumerate(units):
+                bundle = self._slice.units[u]
+                out[(layer, expert)] = {"unit": u, "node_id": bundle.node_id, "bundle": bundle.index}
+        return out
 
     # -- what the training loop uses -----------------------------------------------------------------
 
@@ -127,7 +160,10 @@ class DistributedModule:
         """Kill every actor of this module. Safe to call twice."""
         if not self._closed:
             self._closed = True
-            self._runtime.close()
+            try:
+                self._runtime.close()
+            finally:
+                self._slice.remove()
 
     def __enter__(self) -> DistributedModule:
         return self
@@ -138,6 +174,24 @@ class DistributedModule:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this DistributedModule is closed; its experts are gone")
+
+
+def _workload(layers: list[MoELayer], tokens_per_step: int = 8192) -> Workload:
+    """What the placer needs to know of the model: expert count, shape and routing."""
+    first = layers[0]
+    d_model = first.gate.in_features
+    params = sum(p.numel() for p in first.experts[0].parameters())
+    return Workload(
+        n_experts=first.n_experts,
+        n_layers=len(layers),
+        top_k=first.top_k,
+        d_model=d_model,
+        d_ff=max(1, params // (2 * d_model)),
+        tokens_per_step=tokens_per_step,
+        capacity_factor=first.capacity_factor,
+        replicas=0,
+        activation_bytes=4,
+    )
 
 
 def _resolve_strategy(strategy: ExpertParallel | None) -> ExpertParallel:
@@ -164,13 +218,13 @@ def _resolve_strategy(strategy: ExpertParallel | None) -> ExpertParallel:
     return strategy
 
 
-def _decorate(cls: type[nn.Module], strategy: ExpertParallel | None, runtime: RuntimeConfig | None) -> type:
+def _decorate(cls: type[nn.Module], strategy: ExpertParallel | None, options: dict[str, Any]) -> type:
     class Parallelized(cls):  # type: ignore[misc, valid-type]
         def __new__(klass, *args: Any, **kwargs: Any) -> Any:
             module = cls(*args, **kwargs)  # a plain instance: Parallelized.__init__ never runs
             if current_mesh() is None:
                 return module
-            return DistributedModule(module, _resolve_strategy(strategy), runtime)
+            return DistributedModule(module, _resolve_strategy(strategy), **options)
 
     Parallelized.__name__ = cls.__name__
     Parallelized.__qualname__ = cls.__qualname__
@@ -184,6 +238,8 @@ def parallelize(
     strategy: ExpertParallel | None = None,
     *,
     runtime: RuntimeConfig | None = None,
+    slice: SliceRequest | None = None,
+    placer: PlacerConfig | None = None,
 ) -> Any:
     """Distribute a module's experts over compute units.
 
@@ -194,13 +250,18 @@ def parallelize(
       ``zr.mesh(...)`` come out distributed; outside a mesh they are plain modules.
     * Inside ``zr.mesh(expert=E)`` the strategy may be left out: ``ExpertParallel(degree=E)``.
 
+    ``slice`` says what to reserve (unit kind, spares; default: ``degree`` units of the best kind the
+    cluster has) and ``placer`` how to place experts on it; the units come from one Ray placement group,
+    each pinned to the node the placer chose (see ``DistributedModule.placement``).
+
     The module is modified in place: its experts move to the units. Take ``state_dict()`` from the
     returned ``DistributedModule``.
     """
+    options = {"runtime": runtime, "slice": slice, "placer": placer}
     if module is None:
-        return lambda target: parallelize(target, strategy, runtime=runtime)
+        return lambda target: parallelize(target, strategy, **options)
     if isinstance(module, type):
-        return _decorate(module, strategy, runtime)
+        return _decorate(module, strategy, options)
     if isinstance(module, DistributedModule):
         raise ConfigError("this module is already distributed; parallelize the plain nn.Module once")
-    return DistributedModule(module, _resolve_strategy(strategy), runtime)
+    return DistributedModule(module, _resolve_strategy(strategy), **options)

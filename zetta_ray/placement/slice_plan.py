@@ -1,0 +1,161 @@
+"""Slice planning: which units of the machine a job gets, and which experts go on each (pure, no Ray).
+
+A *slice* is a job's share of the machine: ``units`` compute units of one kind for its experts, plus
+``spares`` of the same kind held back for recovery. Planning runs the placer twice: once over every unit
+of the chosen kind, to learn where the experts want to be (the units it loads most, near the dense work),
+then over exactly the chosen units, to fix the expert layout. ``slices.py`` turns the plan into a Ray
+placement group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from zetta_ray.errors import ConfigError, InfeasibleSliceError
+from zetta_ray.placement.cost import Workload
+from zetta_ray.placement.placer import place
+from zetta_ray.placement.plan import Placement, PlacerConfig
+from zetta_ray.placement.topology import Topology
+
+__all__ = ["SlicePlan", "SliceRequest", "plan_slice"]
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class SliceRequest:
+    """What a job asks for.
+
+    ``kind`` None takes the first kind in ``PlacerConfig.expert_kinds`` (npu, then gpu, then cpu) that has
+    room for ``units + spares``. ``unit_cpus`` is the CPU share of each unit's bundle: for cpu units it is
+    the unit (None shares the cluster's CPUs evenly, at most one each); for npu/gpu units None means none.
+    ``ready_timeout_s`` bounds the wait for resources that exist but are busy with other work.
+    """
+
+    units: int
+    kind: str | None = None
+    spares: int = 0
+    unit_cpus: float | None = None
+    ready_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.units, int) or self.units < 1:
+            raise ConfigError(f"SliceRequest.units={self.units!r} is invalid: must be a positive integer")
+        if not isinstance(self.spares, int) or self.spares < 0:
+            raise ConfigError(f"SliceRequest.spares={self.spares!r} is invalid: must be an integer >= 0")
+        if self.unit_cpus is not None and not self.unit_cpus >= 0:
+            raise ConfigError(f"SliceRequest.unit_cpus={self.unit_cpus!r} is invalid: must be >= 0, or None")
+        if not self.ready_timeout_s > 0:
+            raise ConfigError(
+                f"SliceRequest.ready_timeout_s={self.ready_timeout_s!r} is invalid: must be > 0"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class SlicePlan:
+    """The chosen units and the expert layout over them.
+
+    ``unit_U[i]`` is the topology unit of compute unit ``i``; ``spare_U`` the units held as spares;
+    ``unit_LE[layer][expert]`` the compute unit (index into ``unit_U``) of each expert.
+    """
+
+    kind: str
+    unit_U: tuple[int, ...]
+    spare_U: tuple[int, ...]
+    unit_LE: tuple[tuple[int, ...], ...]
+    placement: Placement
+
+    def node_of(self, topology: Topology, unit: int) -> str:
+        return topology.node_name(int(topology.unit_node_U[unit]))
+
+
+def _choose_kind(topology: Topology, request: SliceRequest, config: PlacerConfig) -> str:
+    need = request.units + request.spares
+    have = {k: int(topology.units_of_kind(k).size) for k in topology.kinds}
+    summary = ", ".join(f"{n} {k}" for k, n in have.items() if n) or "no units at all"
+    if request.kind is not None:
+        if have.get(request.kind, 0) >= need:
+            return request.kind
+        got = have.get(request.kind, 0)
+        raise InfeasibleSliceError(
+            f"the slice needs {need} {request.kind} units ({request.units} + {request.spares} spares) but "
+            f"the cluster's {topology.n_nodes} alive node(s) have {got}: {need - got} {request.kind} missing "
+            f"(the cluster has {summary}). {_largest(have, request)}"
+        )
+    for kind in config.expert_kinds:
+        if have.get(kind, 0) >= need:
+            return kind
+    raise InfeasibleSliceError(
+        f"the slice needs {need} units of one kind ({request.units} + {request.spares} spares) but the "
+        f"cluster's {topology.n_nodes} alive node(s) have {summary}. {_largest(have, request)}"
+    )
+
+
+def _largest(have: dict[str, int], request: SliceRequest) -> str:
+    kind, n = max(have.items(), key=lambda kv: kv[1], default=("cpu", 0))
+    if n == 0:
+        return (
+            "No slice fits: add nodes, or declare units with zr.init(units={'npu': N}) or "
+            "ray start --resources."
+        )
+    need = request.units + request.spares
+    if n >= need:
+        return (
+            f"Largest feasible alternative: SliceRequest(units={request.units}, kind={kind!r}, "
+            f"spares={request.spares})."
+        )
+    fit = n - min(request.spares, n - 1)
+    return (
+        f"Largest feasible alternative: SliceRequest(units={fit}, kind={kind!r}, spares={n - fit}); "
+        f"or add nodes with {{{kind!r}: {need - n}}} more."
+    )
+
+
+def plan_slice(
+    topology: Topology, workload: Workload, request: SliceRequest, config: PlacerConfig | None = None
+) -> SlicePlan:
+    """Choose ``request.units`` units (and spares) on ``topology`` and place ``workload``'s experts on them.
+
+    Raises ``InfeasibleSliceError`` when the machine lacks the units (no placement group is made), and
+    ``InfeasiblePlacementError`` when the units exist but cannot hold the experts (memory).
+    """
+    config = config or PlacerConfig()
+    kind = _choose_kind(topology, request, config)
+    candidates = topology.units_of_kind(kind)
+    cfg = PlacerConfig(
+        seed=config.seed,
+        expert_kinds=(kind,),
+        dense_kinds=config.dense_kinds,
+        rounds=config.rounds,
+        max_moves=config.max_moves,
+    )
+    mask = np.zeros(topology.n_units, dtype=bool)
+    mask[candidates] = True
+    first = place(topology, workload, cfg, usable_U=mask)
+    load_U = np.bincount(first.expert_unit_X, weights=workload.flops_X, minlength=topology.n_units)
+    # The units the placer loads most, then the rest of the candidates nearest the dense work.
+    dense = int(first.dense_unit_D[0])
+    tier = topology.unit_tier(np.full(candidates.size, dense), candidates)
+    order = sorted(
+        candidates.tolist(), key=lambda u: (-load_U[u], int(tier[candidates.tolist().index(u)]), u)
+    )
+    chosen = sorted(order[: request.units])
+    taken = set(chosen)
+    rest = [u for u in candidates.tolist() if u not in taken]
+    per_node: dict[int, int] = {}
+    for u in chosen:
+        per_node[int(topology.unit_node_U[u])] = per_node.get(int(topology.unit_node_U[u]), 0) + 1
+    # Spares go where the slice is thinnest, so one node failure does not take the spares with it.
+    rest.sort(key=lambda u: (per_node.get(int(topology.unit_node_U[u]), 0), u))
+    spares = tuple(sorted(rest[: request.spares]))
+    mask[:] = False
+    mask[chosen] = True
+    final = place(topology, workload, cfg, usable_U=mask)
+    index = {u: i for i, u in enumerate(chosen)}
+    unit_LE = tuple(
+        tuple(
+            index[int(final.expert_unit_X[layer * workload.n_experts + e])] for e in range(workload.n_experts)
+        )
+        for layer in range(workload.n_layers)
+    )
+    return SlicePlan(kind=kind, unit_U=tuple(chosen), spare_U=spares, unit_LE=unit_LE, placement=final)
