@@ -157,9 +157,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         for bar in bars:
             bar.close()
     if args.metrics_json:
-        out = Path(args.metrics_json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        _write_json(args.metrics_json, result.to_dict())
     print(result.summary() + (f"; metrics in {args.metrics_json}" if args.metrics_json else ""))
     return 0
 
@@ -435,9 +433,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         raise InfeasiblePlacementError(f"{e} {_FLAG_HINT}") from e
     doc = plan_document(topology, workload, plan, zipf=args.zipf)
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(doc, indent=1) + "\n")
+        _write_json(args.json, doc)
     print(format_plan(doc, limit=args.limit) + (f"\n  plan written to {args.json}" if args.json else ""))
     return 0
 
@@ -515,6 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan(sub)
     _add_simulate(sub)
     return parser
+
+
+def _write_json(path: str, data: Any) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def _err(message: str) -> None:
