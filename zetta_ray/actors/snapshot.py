@@ -3,13 +3,15 @@
 A replacement unit that restores a snapshot and then receives the same calls must compute the same
 bits as the unit that never died. That takes more than the weights:
 
-| saved | why |
-|---|---|
-| every parameter and buffer, ``"{layer}.{expert}.{name}"`` | the weights |
-| the optimizer's state (AdamW: ``step``, ``exp_avg``, ``exp_avg_sq`` per parameter) and its param groups | the next update depends on it; the groups carry lr, betas, weight decay |
-| the optimizer's class name (``extra["optimizer_class"]``) | a fresh unit can rebuild a ``torch.optim`` optimizer before loading its state |
-| torch's RNG state (``rng["torch"]``) | anything random in an expert (dropout, noise) draws the same numbers |
-| ``steps_applied`` and the gradient epoch (``extra``) | the unit's step count, and when it next zeroes gradients |
+- every parameter and buffer, named ``"{layer}.{expert}.{name}"``: the weights;
+- the optimizer's state (AdamW: ``step``, ``exp_avg``, ``exp_avg_sq`` per parameter) and its param
+  groups (lr, betas, weight decay): the next update depends on them;
+- the optimizer's class name (``extra["optimizer_class"]``): a fresh unit rebuilds a ``torch.optim``
+  optimizer before loading its state;
+- torch's RNG state (``rng["torch"]``): anything random in an expert (dropout, noise) draws the same
+  numbers;
+- ``steps_applied`` and the gradient epoch (``extra``): the unit's step count, and when it next zeroes
+  its gradients.
 
 Not saved: gradients and the activations forward keeps for backward. A snapshot is taken between an
 optimizer step and the next ``zero_grad``, so the gradients are about to be discarded; activations of
