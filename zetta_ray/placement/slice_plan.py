@@ -1,10 +1,11 @@
 """Slice planning: which units of the machine a job gets, and which experts go on each (pure, no Ray).
 
 A *slice* is a job's share of the machine: ``units`` compute units of one kind for its experts, plus
-``spares`` of the same kind held back for recovery. Planning runs the placer twice: once over every unit
-of the chosen kind, to learn where the experts want to be (the units it loads most, near the dense work),
-then over exactly the chosen units, to fix the expert layout. ``slices.py`` turns the plan into a Ray
-placement group.
+``spares`` of the same kind held back for recovery. Planning runs the placer over every unit of the chosen
+kind to learn where the experts want to be (the units it loads most, then those nearest the dense work),
+takes that many units, and lays each layer's experts over them in equal shares, as expert parallelism
+promises: heaviest expert first, onto the unit that would finish its share soonest, ties going to the
+unit with the cheaper link to the dense work. ``slices.py`` turns the plan into a Ray placement group.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 from zetta_ray.errors import ConfigError, InfeasibleSliceError
 from zetta_ray.placement.cost import Workload
 from zetta_ray.placement.placer import place
-from zetta_ray.placement.plan import Placement, PlacerConfig
+from zetta_ray.placement.plan import Placement, PlacerConfig, finish
 from zetta_ray.placement.topology import Topology
 
 __all__ = ["SlicePlan", "SliceRequest", "plan_slice"]
@@ -92,23 +93,20 @@ def _choose_kind(topology: Topology, request: SliceRequest, config: PlacerConfig
 
 
 def _largest(have: dict[str, int], request: SliceRequest) -> str:
-    kind, n = max(have.items(), key=lambda kv: kv[1], default=("cpu", 0))
+    """The largest request that fits: the asked kind first, else the kind with the most units."""
+    kind = request.kind if have.get(request.kind or "", 0) else max(have, key=have.get, default=None)
+    n = have.get(kind, 0) if kind else 0
     if n == 0:
         return (
             "No slice fits: add nodes, or declare units with zr.init(units={'npu': N}) or "
             "ray start --resources."
         )
     need = request.units + request.spares
-    if n >= need:
-        return (
-            f"Largest feasible alternative: SliceRequest(units={request.units}, kind={kind!r}, "
-            f"spares={request.spares})."
-        )
-    fit = n - min(request.spares, n - 1)
-    return (
-        f"Largest feasible alternative: SliceRequest(units={fit}, kind={kind!r}, spares={n - fit}); "
-        f"or add nodes with {{{kind!r}: {need - n}}} more."
-    )
+    spares = min(request.spares, n - 1)
+    fit = SliceRequest(units=min(request.units, n - spares), kind=kind, spares=spares)
+    more = f"; or add nodes with {{{kind!r}: {need - n}}} more" if need > n else ""
+    alt = f"SliceRequest(units={fit.units}, kind={kind!r}, spares={fit.spares})"
+    return f"Largest feasible alternative: {alt}{more}."
 
 
 def plan_slice(
@@ -135,10 +133,8 @@ def plan_slice(
     load_U = np.bincount(first.expert_unit_X, weights=workload.flops_X, minlength=topology.n_units)
     # The units the placer loads most, then the rest of the candidates nearest the dense work.
     dense = int(first.dense_unit_D[0])
-    tier = topology.unit_tier(np.full(candidates.size, dense), candidates)
-    order = sorted(
-        candidates.tolist(), key=lambda u: (-load_U[u], int(tier[candidates.tolist().index(u)]), u)
-    )
+    tier_of = dict(zip(candidates.tolist(), topology.unit_tier(dense, candidates).tolist(), strict=True))
+    order = sorted(tier_of, key=lambda u: (-load_U[u], tier_of[u], u))
     chosen = sorted(order[: request.units])
     taken = set(chosen)
     rest = [u for u in candidates.tolist() if u not in taken]
@@ -148,14 +144,39 @@ def plan_slice(
     # Spares go where the slice is thinnest, so one node failure does not take the spares with it.
     rest.sort(key=lambda u: (per_node.get(int(topology.unit_node_U[u]), 0), u))
     spares = tuple(sorted(rest[: request.spares]))
-    mask[:] = False
-    mask[chosen] = True
-    final = place(topology, workload, cfg, usable_U=mask)
-    index = {u: i for i, u in enumerate(chosen)}
-    unit_LE = tuple(
-        tuple(
-            index[int(final.expert_unit_X[layer * workload.n_experts + e])] for e in range(workload.n_experts)
-        )
-        for layer in range(workload.n_layers)
+    unit_LE = _equal_shares(topology, workload, chosen, tier_of)
+    expert_X = np.asarray([chosen[u] for units in unit_LE for u in units], dtype=np.int64)
+    final = finish(
+        topology,
+        workload,
+        expert_X,
+        first.dense_unit_D,
+        np.zeros((expert_X.size, 0), np.int64),
+        "slice",
+        cfg.seed,
     )
     return SlicePlan(kind=kind, unit_U=tuple(chosen), spare_U=spares, unit_LE=unit_LE, placement=final)
+
+
+def _equal_shares(
+    topology: Topology, workload: Workload, chosen: list[int], tier_of: dict[int, int]
+) -> tuple[tuple[int, ...], ...]:
+    """Each layer's experts over ``chosen`` in equal shares (longest-processing-time first); when the
+    units do not divide the experts, shares differ by at most one."""
+    n, E = len(chosen), workload.n_experts
+    share = -(-E // n)
+    flops_U = topology.unit_flops_U[chosen]
+    load_LE = workload.load_LE
+    layout = []
+    for layer in range(workload.n_layers):
+        busy = np.zeros(n)
+        taken = np.zeros(n, dtype=np.int64)
+        unit_E = [0] * E
+        for e in sorted(range(E), key=lambda e: (-load_LE[layer, e], e)):
+            finish_U = np.where(taken < share, busy + load_LE[layer, e] / flops_U, np.inf)
+            u = min(range(n), key=lambda i: (finish_U[i], tier_of[chosen[i]], i))
+            unit_E[e] = u
+            busy[u] = finish_U[u]
+            taken[u] += 1
+        layout.append(tuple(unit_E))
+    return tuple(layout)

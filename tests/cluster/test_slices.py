@@ -1,0 +1,110 @@
+"""Slices on a multi-node cluster: actors land where the plan says, infeasible requests fail fast, a
+removed node is planned around, and training spread over nodes still equals single-process PyTorch."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import ray
+import torch
+from ray.cluster_utils import Cluster
+from ray.util.placement_group import placement_group_table
+
+import zetta_ray as zr
+from zetta_ray.errors import InfeasibleSliceError
+from zetta_ray.placement.slices import live_topology
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "include_dashboard": False,
+            "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3},
+        },
+    )
+    workers = [c.add_node(num_cpus=1, resources={"npu": 2}) for _ in range(2)]
+    ray.init(address=c.address)
+    yield c, workers
+    ray.shutdown()
+    c.shutdown()
+
+
+def _config() -> zr.MoEConfig:
+    return zr.MoEConfig(
+        vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_experts=8, top_k=2, d_ff=64, seq_len=16
+    )
+
+
+def _npu_nodes() -> set[str]:
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("npu")}
+
+
+def test_units_run_on_the_nodes_their_plan_names_and_training_matches_pytorch(cluster):
+    torch.set_num_threads(1)  # the units run one thread: same reduction order, same bits
+    torch.manual_seed(0)
+    reference = zr.MoETransformer(_config())
+    model = copy.deepcopy(reference)
+    g = torch.Generator().manual_seed(5)
+    data = [torch.randint(0, 64, (4, 17), generator=g) for _ in range(2)]
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    with zr.parallelize(model, zr.ExpertParallel(degree=4), slice=zr.SliceRequest(units=4, kind="npu")) as dm:
+        placement = dm.placement
+        nodes_used = {p["node_id"] for p in placement.values()}
+        assert nodes_used == _npu_nodes()  # 4 npu units need both npu nodes
+        actual = {u["unit"]: u["node_id"] for u in dm.units()}
+        for (layer, expert), where in placement.items():
+            assert actual[where["unit"]] == where["node_id"], (layer, expert)
+        opt = dm.optimizer(torch.optim.AdamW, lr=1e-2)
+        for step in range(6):
+            b = data[step % 2]
+            for m, o in ((reference, ref_opt), (dm, opt)):
+                o.zero_grad()
+                _, loss = m(b[:, :-1], b[:, 1:])
+                loss.backward()
+                o.step()
+        state = dm.state_dict()
+        pg_id = dm._slice.pg.id.hex()
+    for key, value in reference.state_dict().items():
+        assert torch.equal(state[key], value), key
+    table = placement_group_table()
+    assert table[pg_id]["state"] == "REMOVED"  # closing released the slice
+
+
+def test_infeasible_request_fails_fast_naming_what_is_missing(cluster):
+    model = zr.MoETransformer(_config())
+    start = time.monotonic()
+    with pytest.raises(InfeasibleSliceError) as err:
+        zr.parallelize(model, zr.ExpertParallel(degree=8), slice=zr.SliceRequest(units=8, kind="npu"))
+    assert time.monotonic() - start < 5
+    msg = str(err.value)
+    assert "needs 8 npu units" in msg and "have 4" in msg and "4 npu missing" in msg
+    assert "Largest feasible alternative: SliceRequest(units=4, kind='npu'" in msg
+    pending = [p for p in placement_group_table().values() if p["state"] not in ("REMOVED", "CREATED")]
+    assert not pending  # nothing was left pending
+
+
+def test_removed_node_is_left_out_of_the_next_plan(cluster):
+    c, workers = cluster
+    gone = workers[1].node_id
+    c.remove_node(workers[1])
+    deadline = time.monotonic() + 30
+    while gone in _npu_nodes():  # wait for the cluster to see the node go
+        assert time.monotonic() < deadline, "removed node still listed as alive"
+        time.sleep(0.2)
+    topology = live_topology([n for n in ray.nodes() if n["Alive"]])
+    assert gone not in topology.node_names
+    model = zr.MoETransformer(_config())
+    with zr.parallelize(model, zr.ExpertParallel(degree=2), slice=zr.SliceRequest(units=2, kind="npu")) as dm:
+        assert {p["node_id"] for p in dm.placement.values()} == {workers[0].node_id}
+        x = torch.randint(0, 64, (2, 16))
+        _, loss = dm(x, x)
+        loss.backward()
