@@ -1,0 +1,129 @@
+"""MemoryPool actors hold snapshot replicas that outlive the unit that made them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from zetta_ray.actors import ComputeUnit, ComputeUnitActor
+from zetta_ray.actors.memory_pool import MemoryPool, MemoryPoolActor, PoolFullError, SnapshotNotHeldError
+from zetta_ray.actors.wire import to_wire
+from zetta_ray.checkpoint import Snapshot, encode_snapshot
+from zetta_ray.errors import ConfigError
+from zetta_ray.experts import ExpertFFN
+
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
+
+T = 30  # seconds: the deadline of every remote call in this module
+KEYS = [(0, 0), (0, 1), (1, 1)]
+D = 8
+
+
+def _blob(step: int, nbytes: int) -> bytes:
+    return encode_snapshot(Snapshot(step=step, tensors={"w": np.full(nbytes, step, np.uint8)}))
+
+
+def test_put_get_steps_evict_and_limit_through_the_actor():
+    size = len(_blob(1, 1000))
+    pool = MemoryPoolActor.remote(limit_bytes=3 * size, name="pool-t")
+    assert ray.get([pool.put.remote(0, s, _blob(s, 1000)) for s in (1, 2)], timeout=T) == [size, size]
+    assert ray.get(pool.put.remote(1, 1, _blob(1, 1000)), timeout=T) == size
+    assert ray.get(pool.get.remote(0), timeout=T) == _blob(2, 1000), "newest when no step is given"
+    assert ray.get(pool.get.remote(0, 1), timeout=T) == _blob(1, 1000)
+    # Full: unit 0's step 3 evicts its own oldest step only, never unit 1's.
+    ray.get(pool.put.remote(0, 3, _blob(3, 1000)), timeout=T)
+    assert ray.get([pool.steps.remote(0), pool.steps.remote(1)], timeout=T) == [[2, 3], [1]]
+    with pytest.raises(PoolFullError, match=r"pool-t cannot hold the snapshot of unit 1 at step 2") as err:
+        ray.get(pool.put.remote(1, 2, _blob(2, 3000)), timeout=T)
+    assert err.value.limit == 3 * size and err.value.needed == len(_blob(2, 3000))
+    assert ray.get(pool.steps.remote(1), timeout=T) == [1], "a put that cannot fit evicts nothing"
+    with pytest.raises(
+        SnapshotNotHeldError, match=r"no snapshot of unit 0 at step 1; it holds steps \[2, 3\]"
+    ):
+        ray.get(pool.get.remote(0, 1), timeout=T)
+    assert ray.get(pool.drop_before.remote(0, 3), timeout=T) == size
+    stats = ray.get(pool.stats.remote(), timeout=T)
+    assert stats["bytes_used"] == 2 * size and stats["limit_bytes"] == 3 * size
+    assert stats["keys"] == [(0, 3), (1, 1)] and stats["node_id"] == ray.get_runtime_context().get_node_id()
+    assert ray.get(pool.ping.remote(), timeout=T) == "pool-t"
+    ray.kill(pool)
+
+
+def test_accounting_of_replacements_and_bad_puts_in_process():
+    pool = MemoryPool(limit_bytes=10_000, name="p")
+    a, b = _blob(1, 100), _blob(1, 900)
+    pool.put("controller", 1, a)
+    pool.put("controller", 1, b)  # the same key again: replaced, counted once
+    assert pool.stats()["bytes_used"] == len(b) and pool.units() == ["controller"]
+    pool.put(2, 5, bytearray(_blob(5, 10)))
+    assert type(pool.get(2)) is bytes
+    with pytest.raises(ValueError, match=r"put\(unit=2, step=6\) got the snapshot of step 5"):
+        pool.put(2, 6, _blob(5, 10))
+    with pytest.raises(SnapshotNotHeldError, match="at any step; it holds steps"):
+        pool.get(3)
+    with pytest.raises(ConfigError, match="limit_bytes=0"):
+        MemoryPool(limit_bytes=0)
+
+
+def _unit_actor():
+    return ComputeUnitActor.options(num_cpus=0.25).remote(0, {k: ExpertFFN(D, 16).to("meta") for k in KEYS})
+
+
+def _train(units: list, steps: range) -> None:
+    """The same calls to every unit in ``units``: one forward and backward per layer, then the step."""
+    calls = []
+    for step in steps:
+        for layer, (experts, counts) in enumerate([([0, 1], [4, 2]), ([1], [6])]):
+            g = torch.Generator().manual_seed(10 * step + layer)
+            x, dy = torch.randn(6, D, generator=g).numpy(), torch.randn(6, D, generator=g).numpy()
+            for u in units:
+                calls.append(u.forward.remote((step, layer, 0), experts, counts, x, True, step + 1))
+                calls.append(u.backward.remote((step, layer, 0), dy, step + 1))
+        calls += [u.step.remote(step, step + 1) for u in units]
+    ray.get(calls, timeout=T)
+
+
+def _assert_same(a, b) -> None:
+    sa, sb = ray.get([a.state_dict.remote(), b.state_dict.remote()], timeout=T)
+    assert sa.keys() == sb.keys() and all(np.array_equal(sa[k], sb[k]) for k in sa)
+    oa, ob = ray.get([a.optimizer_state_dict.remote(), b.optimizer_state_dict.remote()], timeout=T)
+    assert oa["param_groups"] == ob["param_groups"]
+    assert all(
+        np.array_equal(oa["state"][i][n], ob["state"][i][n]) for i in oa["state"] for n in oa["state"][i]
+    )
+
+
+def test_a_snapshot_held_by_pools_outlives_its_unit_and_restores_bitwise():
+    torch.manual_seed(0)
+    weights = {f"{l}.{e}.{n}": to_wire(t) for l, e in KEYS for n, t in ExpertFFN(D, 16).state_dict().items()}
+    doomed, survivor = _unit_actor(), _unit_actor()
+    pools = [MemoryPoolActor.remote(limit_bytes=2**26, name=f"pool-{i}") for i in range(2)]
+    ray.get(
+        [u.load_state_dict.remote(weights) for u in (doomed, survivor)]
+        + [u.set_optimizer.remote(torch.optim.AdamW, {"lr": 0.02}) for u in (doomed, survivor)],
+        timeout=T,
+    )
+    _train([doomed, survivor], range(3))
+    acks = ray.get(doomed.snapshot_to.remote(3, pools), timeout=T)  # the unit sends the bytes itself
+    nbytes = ray.get(acks, timeout=T)
+    assert nbytes[0] == nbytes[1] > 0
+    # Kill the unit that produced (and, through ray.put, owned) the blob.
+    ray.kill(doomed, no_restart=True)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(doomed.ping.remote(), timeout=T)
+    copies = ray.get([p.get.remote(0, 3) for p in pools], timeout=T)
+    assert copies[0] == copies[1] and len(copies[0]) == nbytes[0]
+    replacement = _unit_actor()
+    assert ray.get(replacement.restore.remote(pools[1].get.remote(0)), timeout=T) == 3
+    assert ray.get(replacement.ping.remote(), timeout=T)["steps_applied"] == 3
+    # Bytes are the interface: the same copy restores in any process, this one included.
+    local = ComputeUnit(0, {k: ExpertFFN(D, 16).to("meta") for k in KEYS})
+    assert local.restore(copies[0]) == 3
+    restored = ray.get(replacement.state_dict.remote(), timeout=T)
+    assert all(np.array_equal(local.state_dict()[k], v) for k, v in restored.items())
+    _train([replacement, survivor], range(3, 5))
+    _assert_same(replacement, survivor)
+    for actor in (replacement, survivor, *pools):
+        ray.kill(actor)
