@@ -83,7 +83,7 @@ def test_snapshot_on_other_nodes_survives_removing_the_unit_node(ray_multinode):
     assert {ray.get(pools[p].stats.remote(), timeout=T)["node_id"] for p, _ in chosen} == {mn.head, b}
 
     mn.remove(mn.workers[0])  # node a: the unit, its ray.put of the blob and pool-a go with it
-    with pytest.raises(ray.exceptions.RayActorError):
+    with pytest.raises(ray.exceptions.RayActorError):  # no race: its node is gone
         ray.get(doomed.ping.remote(), timeout=T)
 
     unit_fault, pool_fault = faults_from_node_death(

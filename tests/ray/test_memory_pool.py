@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import ray
@@ -67,6 +69,18 @@ def test_accounting_of_replacements_and_bad_puts_in_process():
         MemoryPool(limit_bytes=0)
 
 
+def _wait_until_dead(actor, timeout_s: float = T) -> None:
+    """Calls to an actor can still run just after ``ray.kill`` or a node's removal: wait until one fails."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.ping.remote(), timeout=timeout_s)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"actor still answers {timeout_s} s after it was killed")
+
+
 def _unit_actor():
     return ComputeUnitActor.options(num_cpus=0.25).remote(0, {k: ExpertFFN(D, 16).to("meta") for k in KEYS})
 
@@ -111,8 +125,7 @@ def test_a_snapshot_held_by_pools_outlives_its_unit_and_restores_bitwise():
     assert nbytes[0] == nbytes[1] > 0
     # Kill the unit that produced (and, through ray.put, owned) the blob.
     ray.kill(doomed, no_restart=True)
-    with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(doomed.ping.remote(), timeout=T)
+    _wait_until_dead(doomed)
     copies = ray.get([p.get.remote(0, 3) for p in pools], timeout=T)
     assert copies[0] == copies[1] and len(copies[0]) == nbytes[0]
     replacement = _unit_actor()
