@@ -174,3 +174,35 @@ def test_a_unit_killed_before_any_call_ends_bitwise_like_the_one_that_never_died
     ref_opt, opt = ref_unit.optimizer.state_dict()["state"], unit.optimizer.state_dict()["state"]
     assert all(torch.equal(ref_opt[i][n], opt[i][n]) for i in ref_opt for n in ref_opt[i])
     assert all(np.array_equal(a, b) for a, b in zip(ref_results, results, strict=True))
+
+
+def test_a_unit_that_died_before_its_first_step_replays_set_optimizer():
+    """The step-0 snapshot was taken before the optimizer existed; the logged set_optimizer rebuilds it."""
+    torch.manual_seed(0)
+    unit, log = _unit(), ReplayLog()
+    unit.load_state_dict(
+        {f"{l}.{e}.{n}": to_wire(t) for (l, e) in KEYS for n, t in ExpertFFN(D, 8).state_dict().items()}
+    )
+    blob = unit.snapshot(0)
+    reference = _unit()
+    reference.restore(blob)
+    for u in (unit, reference):
+        u.set_optimizer(torch.optim.SGD, {"lr": 0.1})
+    log.record(0, "set_optimizer", 0, (torch.optim.SGD, {"lr": 0.1}))
+    events = [e for e in _events() if e[0] != "snapshot"][:5]  # step 0: two layers, then the step
+    for event in events:
+        _send(unit, log, event)
+        _send(reference, None, event)
+    replacement = _unit()
+    replacement.set_optimizer(torch.optim.AdamW, {"lr": 1.0})  # whatever it had is replaced
+    assert replacement.restore(blob) == 0 and replacement.optimizer is None
+    for call in log.calls_for(0, 0):
+        getattr(replacement, call.method)(*call.args)
+    assert [c.method for c in log.calls_for(0, 0)][:2] == ["set_optimizer", "forward"]
+    assert log.calls_for(0, 0)[0].key is None
+    assert isinstance(replacement.optimizer, torch.optim.SGD) and replacement.steps_applied == 1
+    for key in KEYS:
+        for a, b in zip(
+            reference.experts[key].parameters(), replacement.experts[key].parameters(), strict=True
+        ):
+            assert torch.equal(a, b)

@@ -62,7 +62,8 @@ def restore_unit(unit: ComputeUnit, snapshot: Snapshot) -> int:
     Parameters are copied in place, so an optimizer built on them stays valid. If the unit has no
     optimizer yet and the snapshot has optimizer state of a ``torch.optim`` class, that optimizer is
     built first (its hyperparameters come from the saved param groups); for any other class call
-    ``set_optimizer`` before restoring. Activations and gradients are cleared: calls of the unfinished
+    ``set_optimizer`` before restoring. A snapshot taken before ``set_optimizer`` leaves the unit
+    without an optimizer, as it was. Activations and gradients are cleared: calls of the unfinished
     step are to be replayed from the start.
     """
     experts = [tuple(k) for k in snapshot.mesh.get("experts", [])]
@@ -79,6 +80,8 @@ def restore_unit(unit: ComputeUnit, snapshot: Snapshot) -> int:
         else:
             _check_optimizer_class(unit, snapshot.extra.get("optimizer_class"))
         unit.load_optimizer_state_dict(snapshot.optimizer)
+    else:
+        unit.optimizer = None  # taken before set_optimizer: so is the restored unit
     torch.set_rng_state(torch.from_numpy(np.ascontiguousarray(snapshot.rng["torch"], dtype=np.uint8)))
     unit.steps_applied = int(snapshot.extra["steps_applied"])
     unit._grad_epoch = int(snapshot.extra["grad_epoch"])

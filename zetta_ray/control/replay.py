@@ -14,7 +14,9 @@ What is logged, per unit and in send order (``LoggedCall.args`` are ``ComputeUni
 - ``backward(key, dy_ND, grad_epoch)``;
 - ``step(step, grad_epoch)``: the optimizer step. It is logged too: the controller sends it without
   waiting, so when a unit dies it cannot know whether the step was applied; replaying from the
-  snapshot applies it exactly once either way.
+  snapshot applies it exactly once either way;
+- any other call that changes the unit's state (``set_optimizer``, ``load_state_dict``), with
+  ``record``. (Or take a snapshot right after it: the step-0 snapshot after ``set_optimizer``.)
 
 Each call is filed under the step in progress when it was sent (``ExpertRuntime.step``, which is also
 ``key[0]``): a call filed under step ``t`` is replayed onto a snapshot at step ``s`` when ``t >= s``.
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +40,6 @@ from zetta_ray.errors import ZettaError
 
 __all__ = ["LoggedCall", "ReplayLog", "ReplayUnavailableError"]
 
-Method = Literal["forward", "backward", "step"]
 SaveKey = tuple[int, int, int]  # (step, layer, micro-batch)
 
 
@@ -51,19 +52,20 @@ class LoggedCall:
     """One call as it was sent: replay it with ``getattr(unit, call.method).remote(*call.args)``.
 
     Attributes:
-        method: ``"forward"``, ``"backward"`` or ``"step"`` (a ``ComputeUnit`` method).
+        method: the ``ComputeUnit`` method: ``"forward"``, ``"backward"``, ``"step"``, or another one
+            logged with ``ReplayLog.record``.
         step: the step in progress when the call was sent.
         args: the method's positional arguments, exactly as sent.
     """
 
-    method: Method
+    method: str
     step: int
     args: tuple[Any, ...]
 
     @property
     def key(self) -> SaveKey | None:
         """The (step, layer, micro-batch) of a forward or backward; None for an optimizer step."""
-        return self.args[0] if self.method != "step" else None
+        return self.args[0] if self.method in ("forward", "backward") else None
 
     @property
     def nbytes(self) -> int:
@@ -102,6 +104,11 @@ class ReplayLog:
     def record_step(self, unit: int, step: int, grad_epoch: int = 0) -> LoggedCall:
         """Log ``unit.step(step, grad_epoch)``, the optimizer step of step ``step``."""
         return self._record(unit, LoggedCall("step", step, (step, grad_epoch)))
+
+    def record(self, unit: int, method: str, step: int, args: tuple[Any, ...]) -> LoggedCall:
+        """Log any other call that changes the unit's state (``set_optimizer``, ``load_state_dict``,
+        ``load_optimizer_state_dict``) under the step in progress, so that a replay repeats it too."""
+        return self._record(unit, LoggedCall(method, step, tuple(args)))
 
     def _record(self, unit: int, call: LoggedCall) -> LoggedCall:
         floor = self.first_step(unit)
