@@ -25,7 +25,7 @@ class _RemoteExpertsFn(torch.autograd.Function):
         layer: int,
         counts_E: list[int],
     ) -> torch.Tensor:
-        y_ND, ticket = runtime.forward(layer, x_ND, counts_E, keep=True)
+        y_ND, ticket = runtime.forward(layer, x_ND, counts_E, keep=True, input_grad=ctx.needs_input_grad[0])
         ctx.runtime, ctx.ticket = runtime, ticket
         return y_ND
 

@@ -89,7 +89,7 @@ def _take(t: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
 
 def _scatter(outs: list[Any], calls: list[_Call], like: torch.Tensor) -> torch.Tensor:
     """Put each call's output rows back at its segments."""
-    out = torch.zeros_like(like)
+    out = torch.empty_like(like)  # every row belongs to exactly one call
     for o, c in zip(outs, calls, strict=True):
         rows, pos = from_wire(o), 0
         for lo, hi in c.segments:
@@ -114,6 +114,7 @@ class Ticket:
 
     key: tuple[int, int, int]  # (step, layer, micro-batch)
     calls: list[_Call] = field(default_factory=list)
+    input_grad: bool = True  # False: backward returns no input gradients
 
 
 class ExpertRuntime:
@@ -174,7 +175,7 @@ class ExpertRuntime:
     # -- dataflow -----------------------------------------------------------------------------------
 
     def forward(
-        self, layer: int, x_ND: torch.Tensor, counts_E: list[int], keep: bool
+        self, layer: int, x_ND: torch.Tensor, counts_E: list[int], keep: bool, input_grad: bool = True
     ) -> tuple[torch.Tensor, Ticket]:
         """Send each unit its experts' rows at once; wait for all; return outputs in row order."""
         key = (self.step, layer, next(self._micro_batch.setdefault(layer, itertools.count())))
@@ -193,11 +194,12 @@ class ExpertRuntime:
                 to_wire(_take(x, segments)),
                 keep,
                 self._grad_epoch,
+                input_grad,
             )
             calls.append(_Call(ref, u, [(layer, e) for e in experts], self.step, "forward", segments))
-        return _scatter(self._gather(calls), calls, x), Ticket(key, calls)
+        return _scatter(self._gather(calls), calls, x), Ticket(key, calls, input_grad)
 
-    def backward(self, ticket: Ticket, dy_ND: torch.Tensor) -> torch.Tensor:
+    def backward(self, ticket: Ticket, dy_ND: torch.Tensor) -> torch.Tensor | None:
         step = ticket.key[0]
         if step != self.step:
             raise RuntimeError(
@@ -218,7 +220,8 @@ class ExpertRuntime:
             )
             for c in ticket.calls
         ]
-        return _scatter(self._gather(calls), calls, dy)
+        outs = self._gather(calls)
+        return _scatter(outs, calls, dy) if ticket.input_grad else None
 
     # -- optimizer ----------------------------------------------------------------------------------
 
