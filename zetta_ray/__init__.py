@@ -24,6 +24,7 @@ from zetta_ray.api import (
     mesh,
     parallelize,
 )
+from zetta_ray.checkpoint import TrickleCheckpoint
 from zetta_ray.config import MoEConfig, RuntimeConfig, TrainConfig
 from zetta_ray.experts import ExpertFFN, MoELayer
 from zetta_ray.models import MoETransformer
@@ -45,6 +46,7 @@ __all__ = [
     "RuntimeConfig",
     "SliceRequest",
     "TrainConfig",
+    "TrickleCheckpoint",
     "current_mesh",
     "data",
     "errors",

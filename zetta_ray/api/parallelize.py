@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -13,7 +13,9 @@ from zetta_ray.actors.wire import to_wire
 from zetta_ray.api.cluster import init
 from zetta_ray.api.mesh import ExpertParallel, Mesh, current_mesh
 from zetta_ray.api.optim import DistributedOptimizer
+from zetta_ray.checkpoint import TrickleCheckpoint
 from zetta_ray.config import RuntimeConfig
+from zetta_ray.control.manager import FaultManager, RecoveryEvent
 from zetta_ray.errors import ConfigError, UnsupportedError
 from zetta_ray.experts.moe import MoELayer
 from zetta_ray.placement.cost import Workload
@@ -40,6 +42,7 @@ class DistributedModule:
         runtime: RuntimeConfig | None = None,
         slice: SliceRequest | None = None,
         placer: PlacerConfig | None = None,
+        checkpoint: TrickleCheckpoint | Literal[False] | None = None,
     ):
         self.strategy = strategy
         self.runtime_config = runtime or RuntimeConfig()
@@ -74,6 +77,16 @@ class DistributedModule:
         except BaseException:
             self._slice.remove()
             raise
+        self._faults: FaultManager | None = None
+        if checkpoint is not False:
+            self._faults = FaultManager(
+                checkpoint or TrickleCheckpoint(),
+                unit_nodes=[b.node_id for b in self._slice.units],
+                spares=[(self._slice.actor_options(b), b.node_id) for b in self._slice.spares],
+                deadline_s=self.runtime_config.deadline_s,
+            )
+            self._faults.attach(self._runtime)
+            self._faults.snapshot(self._runtime, wait=True)  # step 0: restorable before the first step
         for i, (_, layer) in enumerate(layers):
             layer.experts = nn.ModuleList()  # the experts now live on the units
             layer.executor = RemoteExperts(self._runtime, i)
@@ -113,6 +126,8 @@ class DistributedModule:
         """An optimizer of ``optimizer_cls(**kwargs)`` over the local parameters here and one per unit."""
         self._check_open()
         self._runtime.set_optimizer(optimizer_cls, kwargs)
+        if self._faults is not None:
+            self._faults.snapshot(self._runtime, wait=True)  # step 0 again, now with the optimizer
         return DistributedOptimizer(optimizer_cls(self.module.parameters(), **kwargs), self._runtime)
 
     # -- state ----------------------------------------------------------------------------------------
@@ -162,8 +177,15 @@ class DistributedModule:
             self._closed = True
             try:
                 self._runtime.close()
+                if self._faults is not None:
+                    self._faults.close()
             finally:
                 self._slice.remove()
+
+    @property
+    def recoveries(self) -> list[RecoveryEvent]:
+        """Every unit failure recovered so far: which unit, what failed, where it went, how long it took."""
+        return list(self._faults.events) if self._faults is not None else []
 
     def __enter__(self) -> DistributedModule:
         return self
@@ -240,6 +262,7 @@ def parallelize(
     runtime: RuntimeConfig | None = None,
     slice: SliceRequest | None = None,
     placer: PlacerConfig | None = None,
+    checkpoint: TrickleCheckpoint | Literal[False] | None = None,
 ) -> Any:
     """Distribute a module's experts over compute units.
 
@@ -254,10 +277,15 @@ def parallelize(
     cluster has) and ``placer`` how to place experts on it; the units come from one Ray placement group,
     each pinned to the node the placer chose (see ``DistributedModule.placement``).
 
+    ``checkpoint`` configures trickle checkpointing and transparent recovery, on by default
+    (``zr.TrickleCheckpoint()``: a snapshot of every unit after every step, held by MemoryPool actors on
+    two other nodes where they exist); a unit that dies or stalls is replaced and training goes on with
+    bit-identical results. ``checkpoint=False`` turns it off: faults then raise.
+
     The module is modified in place: its experts move to the units. Take ``state_dict()`` from the
     returned ``DistributedModule``.
     """
-    options = {"runtime": runtime, "slice": slice, "placer": placer}
+    options = {"runtime": runtime, "slice": slice, "placer": placer, "checkpoint": checkpoint}
     if module is None:
         return lambda target: parallelize(target, strategy, **options)
     if isinstance(module, type):

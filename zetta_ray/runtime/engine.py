@@ -24,7 +24,7 @@ from torch import nn
 from zetta_ray.actors.compute_unit import ComputeUnitActor
 from zetta_ray.actors.wire import from_wire, to_wire
 from zetta_ray.config import RuntimeConfig
-from zetta_ray.errors import ConfigError, DeadlineExceeded, UnitFailed
+from zetta_ray.errors import ConfigError, DeadlineExceeded, UnitFailed, UnitFault
 
 __all__ = ["ExpertRuntime", "Layout", "Ticket"]
 
@@ -106,6 +106,14 @@ class _Call:
     step: int
     phase: str
     segments: list[tuple[int, int]] = field(default_factory=list)  # row ranges this call carries
+    method: str = ""
+    args: tuple[Any, ...] = ()
+    logged: Any = None  # the journal's record of this call, when it changes the unit's state
+
+
+_JOURNALED = frozenset(
+    {"forward", "backward", "step", "set_optimizer", "load_state_dict", "load_optimizer_state_dict"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,13 +126,24 @@ class Ticket:
 
 
 class ExpertRuntime:
-    """Drives the ComputeUnits of one distributed module."""
+    """Drives the ComputeUnits of one distributed module.
+
+    Two optional collaborators make it fault tolerant without the runtime knowing how (they live in
+    ``zetta_ray.control``): a ``journal`` that records every call that changes a unit's state, in send
+    order (``record(unit, method, step, args)``), and a ``supervisor`` that is told when a step ends
+    (``after_step(runtime)``) and asked to repair a failed unit (``recover(runtime, fault, calls)``: it
+    replaces ``runtime.units[u]`` and re-sends the unit's calls in ``calls``, or raises).
+    """
 
     def __init__(self, units: list[Any], layout: Layout, cfg: RuntimeConfig):
         self.units = units
         self.layout = layout
         self.cfg = cfg
         self.step = 0
+        self.skeletons: list[dict[tuple[int, int], nn.Module]] = []  # what each unit was built with
+        self.unit_options: list[dict[str, Any]] = []
+        self.journal: Any = None
+        self.supervisor: Any = None
         self._micro_batch: dict[int, itertools.count] = {}
         self._pending: list[_Call] = []
         self._grad_epoch = 0
@@ -148,15 +167,13 @@ class ExpertRuntime:
             if num_cpus is None:
                 num_cpus = min(1.0, ray.cluster_resources().get("CPU", 1.0) / n)
             unit_options = [{"num_cpus": num_cpus}] * n
-        units = []
-        for u in range(n):
-            skeletons = {
-                (l, e): copy.deepcopy(experts_by_layer[l][e]).to("meta") for l, e in layout.experts_of(u)
-            }
-            units.append(
-                ComputeUnitActor.options(**unit_options[u]).remote(u, skeletons, cfg.threads_per_unit)
-            )
-        runtime = cls(units, layout, cfg)
+        runtime = cls([], layout, cfg)
+        runtime.skeletons = [
+            {(l, e): copy.deepcopy(experts_by_layer[l][e]).to("meta") for l, e in layout.experts_of(u)}
+            for u in range(n)
+        ]
+        runtime.unit_options = list(unit_options)
+        runtime.units = [runtime.start_unit(u) for u in range(n)]
         try:
             runtime.load_state_dict(
                 {
@@ -172,6 +189,11 @@ class ExpertRuntime:
             raise
         return runtime
 
+    def start_unit(self, u: int, **overrides: Any) -> Any:
+        """A new actor for unit ``u``, built as the original was (``overrides`` change where)."""
+        options = {**self.unit_options[u], **overrides}
+        return ComputeUnitActor.options(**options).remote(u, self.skeletons[u], self.cfg.threads_per_unit)
+
     # -- dataflow -----------------------------------------------------------------------------------
 
     def forward(
@@ -182,21 +204,21 @@ class ExpertRuntime:
         offsets = [0, *itertools.accumulate(counts_E)]
         x = x_ND.detach()
         calls = []
-        for u, unit in enumerate(self.units):
+        for u in range(len(self.units)):
             experts = [e for e in self.layout.experts_in_layer(u, layer) if counts_E[e] > 0]
             if not experts:
                 continue  # none of this unit's experts received a token: no call
             segments = _segments(offsets, experts)
-            ref = unit.forward.remote(
+            args = (
                 key,
                 experts,
                 [counts_E[e] for e in experts],
-                to_wire(_take(x, segments)),
+                self._rows(_take(x, segments)),
                 keep,
                 self._grad_epoch,
                 input_grad,
             )
-            calls.append(_Call(ref, u, [(layer, e) for e in experts], self.step, "forward", segments))
+            calls.append(self._submit(u, "forward", args, "forward", [(layer, e) for e in experts], segments))
         return _scatter(self._gather(calls), calls, x), Ticket(key, calls, input_grad)
 
     def backward(self, ticket: Ticket, dy_ND: torch.Tensor) -> torch.Tensor | None:
@@ -208,14 +230,12 @@ class ExpertRuntime:
             )
         dy = dy_ND.detach()
         calls = [
-            _Call(
-                self.units[c.unit].backward.remote(
-                    ticket.key, to_wire(_take(dy, c.segments)), self._grad_epoch
-                ),
+            self._submit(
                 c.unit,
-                c.experts,
-                step,
                 "backward",
+                (ticket.key, self._rows(_take(dy, c.segments)), self._grad_epoch),
+                "backward",
+                c.experts,
                 c.segments,
             )
             for c in ticket.calls
@@ -236,6 +256,8 @@ class ExpertRuntime:
         self._pending += self._each("step", "optimizer", self.step, self._grad_epoch)
         self.step += 1
         self._micro_batch.clear()
+        if self.supervisor is not None:
+            self.supervisor.after_step(self)
 
     # -- state --------------------------------------------------------------------------------------
 
@@ -252,8 +274,8 @@ class ExpertRuntime:
             layer, expert, _ = name.split(".", 2)
             per_unit[self.layout.unit_of(int(layer), int(expert))][name] = value
         calls = [
-            _Call(unit.load_state_dict.remote(part), u, self.layout.experts_of(u), self.step, "control")
-            for u, (unit, part) in enumerate(zip(self.units, per_unit, strict=True))
+            self._submit(u, "load_state_dict", (part,), "control", self.layout.experts_of(u))
+            for u, part in enumerate(per_unit)
         ]
         self._gather(calls, deadline_s)
 
@@ -267,10 +289,8 @@ class ExpertRuntime:
                 "units; load it into a module parallelized with the same expert degree"
             )
         calls = [
-            _Call(
-                unit.load_optimizer_state_dict.remote(s), u, self.layout.experts_of(u), self.step, "control"
-            )
-            for u, (unit, s) in enumerate(zip(self.units, states, strict=True))
+            self._submit(u, "load_optimizer_state_dict", (s,), "control", self.layout.experts_of(u))
+            for u, s in enumerate(states)
         ]
         self._gather(calls)
 
@@ -287,9 +307,32 @@ class ExpertRuntime:
 
     def _each(self, method: str, phase: str, *args: Any) -> list[_Call]:
         return [
-            _Call(getattr(unit, method).remote(*args), u, self.layout.experts_of(u), self.step, phase)
-            for u, unit in enumerate(self.units)
+            self._submit(u, method, args, phase, self.layout.experts_of(u)) for u in range(len(self.units))
         ]
+
+    def _rows(self, t: torch.Tensor) -> Any:
+        """Rows for the wire. With a journal they go into the object store first, so the journal holds a
+        reference (replay needs them; Ray frees an object with its last reference) at no extra copy."""
+        return ray.put(to_wire(t)) if self.journal is not None else to_wire(t)
+
+    def _submit(
+        self,
+        u: int,
+        method: str,
+        args: tuple[Any, ...],
+        phase: str,
+        experts: list[tuple[int, int]],
+        segments: list[tuple[int, int]] | None = None,
+    ) -> _Call:
+        logged = None
+        if self.journal is not None and method in _JOURNALED:
+            logged = self.journal.record(u, method, self.step, args)
+        ref = getattr(self.units[u], method).remote(*args)
+        return _Call(ref, u, experts, self.step, phase, segments or [], method, args, logged)
+
+    def resend(self, call: _Call) -> None:
+        """Send ``call`` again to its unit's current actor (after a replacement)."""
+        call.ref = getattr(self.units[call.unit], call.method).remote(*call.args)
 
     def _gather(self, calls: list[_Call], deadline_s: float | None = None) -> list[Any]:
         """Wait for ``calls`` (and any fire-and-forget calls still pending) within the deadline.
@@ -302,8 +345,18 @@ class ExpertRuntime:
         self._pending = []
         if not everything:
             return []
+        while True:
+            try:
+                results = self._wait(everything, deadline_s)
+                return results[len(everything) - len(calls) :]
+            except UnitFault as fault:
+                if self.supervisor is None:
+                    raise
+                self.supervisor.recover(self, fault, everything)  # replaces the unit, or raises
+
+    def _wait(self, everything: list[_Call], deadline_s: float) -> list[Any]:
         try:  # the fast path: one round trip to Ray's core worker
-            results = ray.get([c.ref for c in everything], timeout=deadline_s)
+            return ray.get([c.ref for c in everything], timeout=deadline_s)
         except ray.exceptions.GetTimeoutError:
             _, late = ray.wait([c.ref for c in everything], num_returns=len(everything), timeout=0)
             late_refs = set(late)
@@ -325,4 +378,3 @@ class ExpertRuntime:
                         unit=c.unit, experts=c.experts, step=c.step, phase=c.phase, cause=cause
                     ) from e
             raise  # unreachable in practice: some call must have failed
-        return results[len(everything) - len(calls) :]

@@ -1,0 +1,312 @@
+"""The fault manager: carries out trickle checkpointing and recovery for one ``ExpertRuntime``.
+
+This is the Ray-facing half of ``control/``; the decisions themselves come from the pure policies beside
+it (``decide_replica_nodes``, ``decide_recovery``, ``ReplayLog``). The protocol (docs/recovery.md):
+
+1. Every call that changes a unit's state is journaled before it is sent (the runtime's ``journal``).
+2. After every ``every``-th optimizer step the manager asks each unit for a snapshot (sent right after
+   the unit's ``step`` call, so it captures exactly that state) and has R MemoryPool actors on other
+   nodes copy it. Nobody waits: acknowledgements are collected at the next step.
+3. When every unit's snapshot of step ``s`` is stored on all its replicas, the journal drops the calls
+   before ``s`` and the pools drop older snapshots.
+4. When a unit fails (its actor or node died, or a call missed its deadline), the runtime hands the
+   fault here: a replacement starts (on a spare bundle, its own bundle, or another live node), restores
+   the newest stored snapshot, receives the journaled calls since then in their original order, and the
+   runtime's wait goes on with the replacement's results. Every call is deterministic, so the state is
+   bit for bit what it would have been; each optimizer step is applied exactly once to the restored state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from zetta_ray.actors.memory_pool import MemoryPoolActor, PoolFullError
+from zetta_ray.checkpoint import TrickleCheckpoint
+from zetta_ray.control.faults import fault_from_error
+from zetta_ray.control.recovery import RecoveryAction, Replica, Spare, decide_recovery
+from zetta_ray.control.replay import ReplayLog
+from zetta_ray.control.replicas import decide_replica_nodes
+from zetta_ray.errors import UnitFault, ZettaError
+
+__all__ = ["FaultManager", "RecoveryEvent", "RecoveryFailed"]
+
+logger = logging.getLogger(__name__)
+
+_MAX_ATTEMPTS = 5  # recoveries of one unit within one wait before giving up
+
+
+class RecoveryFailed(ZettaError):
+    """A unit failed and could not be recovered; the message says why and what is intact."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryEvent:
+    """One fault and what was done about it, for reports and the chaos tool."""
+
+    unit: int
+    kind: str
+    step: int
+    phase: str
+    action: str
+    node: str | None
+    restored_step: int | None
+    replayed_calls: int
+    recovery_s: float
+    detail: str
+
+
+@dataclass(slots=True)
+class _SnapshotRound:
+    step: int
+    waiting: dict[int, int] = field(default_factory=dict)  # unit -> acknowledgements still missing
+
+
+@dataclass(slots=True)
+class _Put:
+    unit: int
+    step: int
+    pool: str
+    node: str
+    ref: ray.ObjectRef
+    sent: float
+    round: _SnapshotRound
+
+
+class FaultManager:
+    """Owns the MemoryPool actors, the replay journal and the recovery of one runtime's units."""
+
+    def __init__(
+        self,
+        config: TrickleCheckpoint,
+        *,
+        unit_nodes: list[str],
+        spares: list[tuple[dict[str, Any], str]] = (),
+        pool_limit_bytes: int = 2 << 30,
+        deadline_s: float = 60.0,
+    ):
+        self.config = config
+        self.log = ReplayLog()
+        self.unit_nodes = list(unit_nodes)
+        self.spares = list(spares)  # (actor options of a reserved bundle, its node)
+        self.deadline_s = deadline_s
+        self.events: list[RecoveryEvent] = []
+        self.acked: dict[int, list[Replica]] = {}
+        self.pools: dict[str, Any] = {}
+        self.pool_nodes: dict[str, str] = {}
+        self.dead_pools: set[str] = set()
+        self.full_pools: set[str] = set()
+        self._puts: list[_Put] = []
+        self._rounds: list[_SnapshotRound] = []
+        self._targets: dict[tuple[Any, ...], tuple[tuple[str, str], ...]] = {}
+        for node in sorted({n["NodeID"] for n in ray.nodes() if n["Alive"]}):
+            self._start_pool(node, pool_limit_bytes)
+        try:  # pools start while the units do; a unit lost before its first snapshot is unrecoverable
+            ray.get([h.ping.remote() for h in self.pools.values()], timeout=max(deadline_s, 120.0))
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
+            self.close()
+            raise RecoveryFailed(f"the MemoryPool actors did not start: {e}") from e
+
+    def _start_pool(self, node: str, limit: int) -> None:
+        pid = f"pool-{node[:8]}-{len(self.pools)}"
+        self.pools[pid] = MemoryPoolActor.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+        ).remote(limit, pid)
+        self.pool_nodes[pid] = node
+
+    def attach(self, runtime: Any) -> None:
+        runtime.journal = self.log
+        runtime.supervisor = self
+
+    # -- trickle checkpointing --------------------------------------------------------------------------
+
+    def after_step(self, runtime: Any) -> None:
+        """Collect acknowledgements, commit what is stored, and snapshot if this step is due."""
+        self._collect()
+        if runtime.step % self.config.every == 0:
+            self.snapshot(runtime)
+
+    def snapshot(self, runtime: Any, wait: bool = False) -> None:
+        """Ask every unit for its state now (after the calls sent so far) and store it on R pools.
+
+        ``wait`` blocks until the copies are stored (the step-0 snapshot does, so that a unit lost before
+        its first step can already be restored)."""
+        step = runtime.step
+        live = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        round_ = _SnapshotRound(step)
+        now = time.monotonic()
+        for u, unit in enumerate(runtime.units):
+            blob = unit.snapshot.remote(step)  # owned here: it outlives the unit until the pools copy it
+            targets = self._replica_targets(u, live)
+            round_.waiting[u] = len(targets)
+            for pool, node in targets:
+                ref = self.pools[pool].put.remote(u, step, blob)
+                self._puts.append(_Put(u, step, pool, node, ref, now, round_))
+        self._rounds.append(round_)
+        if wait:
+            deadline = time.monotonic() + self.deadline_s
+            while any(round_.waiting.values()) and time.monotonic() < deadline:
+                self._collect(wait_s=0.05)
+            if any(round_.waiting.values()):
+                raise RecoveryFailed(
+                    f"the step-{step} snapshot was not stored within {self.deadline_s:g} s "
+                    f"(acknowledgements missing: {round_.waiting}); check the MemoryPool actors"
+                )
+
+    def _replica_targets(self, u: int, live: set[str]) -> tuple[tuple[str, str], ...]:
+        """Where unit ``u``'s next snapshot goes; decided again only when the cluster changes."""
+        live_pools = {p: n for p, n in self.pool_nodes.items() if p not in self.dead_pools and n in live}
+        key = (self.unit_nodes[u], tuple(sorted(live_pools.items())), frozenset(self.full_pools))
+        if key not in self._targets:
+            self._targets[key] = decide_replica_nodes(
+                self.unit_nodes[u],
+                live_pools,
+                self.config.replicas,
+                live_nodes=live,
+                full_pools=self.full_pools,
+                key=u,
+            )
+        return self._targets[key]
+
+    def _collect(self, wait_s: float = 0.0) -> None:
+        """Take in finished puts; a put past the deadline or failed is logged and not counted."""
+        if not self._puts:
+            return
+        refs = [p.ref for p in self._puts]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+        done = set(ready)
+        now = time.monotonic()
+        still = []
+        for put in self._puts:
+            if put.ref not in done:
+                if now - put.sent > self.deadline_s:
+                    logger.warning(
+                        "snapshot of unit %d step %d to %s timed out", put.unit, put.step, put.pool
+                    )
+                else:
+                    still.append(put)
+                continue
+            try:
+                ray.get(put.ref, timeout=self.deadline_s)
+            except PoolFullError as e:
+                self.full_pools.add(put.pool)
+                logger.warning("pool %s is full: %s", put.pool, e)
+                continue
+            except ray.exceptions.RayError as e:
+                # Not proof the pool died: the unit that made the blob may be the one that did.
+                logger.warning(
+                    "snapshot of unit %d step %d to %s failed: %s",
+                    put.unit,
+                    put.step,
+                    put.pool,
+                    str(e).splitlines()[0],
+                )
+                continue
+            self.acked.setdefault(put.unit, []).append(Replica(put.pool, put.node, put.step))
+            put.round.waiting[put.unit] -= 1
+        self._puts = still
+        while self._rounds and not any(self._rounds[0].waiting.values()):
+            self._commit(self._rounds.pop(0).step)
+
+    def _commit(self, step: int) -> None:
+        self.log.commit(step)
+        for u, replicas in self.acked.items():
+            self.acked[u] = [r for r in replicas if r.step >= step]
+        for pool, handle in self.pools.items():
+            if pool not in self.dead_pools:
+                for u in self.acked:
+                    handle.drop_before.remote(u, step)  # fire-and-forget housekeeping
+
+    # -- recovery -----------------------------------------------------------------------------------------
+
+    def recover(self, runtime: Any, error: UnitFault, calls: list[Any]) -> None:
+        """Replace the failed unit of ``error`` and re-send its calls in ``calls``; raise if impossible."""
+        u = error.unit
+        attempts = sum(1 for e in self.events[-_MAX_ATTEMPTS:] if e.unit == u and e.step == error.step)
+        if attempts >= _MAX_ATTEMPTS:
+            raise RecoveryFailed(
+                f"unit {u} failed {attempts} times at step {error.step}; giving up: {error}"
+            ) from error
+        start = time.monotonic()
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        old_node = self.unit_nodes[u]
+        fault = fault_from_error(error, node=old_node, node_alive=old_node in alive)
+        ray.kill(runtime.units[u], no_restart=True)  # dead already, or stalled: either way it goes
+        self._collect()
+        for pool, node in self.pool_nodes.items():
+            if node not in alive:
+                self.dead_pools.add(pool)
+        decision = decide_recovery(
+            fault,
+            live_nodes=alive,
+            replicas_by_unit=self.acked,
+            spares=[Spare(i, node) for i, (_, node) in enumerate(self.spares)],
+            dead_pools=self.dead_pools,
+            log_start=self.log.first_step(u),
+        )
+        if decision.action is RecoveryAction.FAIL:
+            raise RecoveryFailed(f"cannot recover unit {u} after {error}: {decision.reason}") from error
+        if decision.action is RecoveryAction.REPLACE_ON_SPARE:
+            options, node = self.spares.pop(decision.spare.slot)
+            new = runtime.start_unit(u, **options)
+        elif decision.node == old_node:
+            node = old_node  # its own bundle is free again
+            new = runtime.start_unit(u)
+        else:
+            node = decision.node
+            new = runtime.start_unit(
+                u,
+                num_cpus=0,
+                resources=None,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+            )
+        replica = decision.restore_from
+        restored = new.restore.remote(self.pools[replica.pool].get.remote(u, replica.step))
+        replay = self.log.calls_for(u, decision.replay_since)
+        fresh = {id(call): getattr(new, call.method).remote(*call.args) for call in replay}
+        runtime.units[u] = new
+        self.unit_nodes[u] = node
+        for c in calls:
+            if c.unit == u:
+                if c.logged is not None and id(c.logged) in fresh:
+                    c.ref = fresh[id(c.logged)]
+                else:
+                    runtime.resend(c)
+        try:
+            ray.get(restored, timeout=self.deadline_s)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
+            self.dead_pools.add(replica.pool)  # try another replica on the next attempt
+            logger.warning("restoring unit %d from %s failed: %s", u, replica.pool, str(e).splitlines()[0])
+        event = RecoveryEvent(
+            unit=u,
+            kind=fault.kind,
+            step=error.step,
+            phase=error.phase,
+            action=decision.action.value,
+            node=node,
+            restored_step=replica.step,
+            replayed_calls=len(replay),
+            recovery_s=time.monotonic() - start,
+            detail=str(error),
+        )
+        self.events.append(event)
+        logger.warning(
+            "recovered unit %d (%s in %s at step %d) on node %s from snapshot %d, replaying %d calls",
+            u,
+            fault.kind,
+            error.phase,
+            error.step,
+            node[:8],
+            replica.step,
+            len(replay),
+        )
+
+    def close(self) -> None:
+        for handle in self.pools.values():
+            ray.kill(handle, no_restart=True)
+        self.pools.clear()
