@@ -95,6 +95,7 @@ class FaultManager:
         self.unit_nodes = list(unit_nodes)
         self.spares = list(spares)  # (actor options of a reserved bundle, its node)
         self.deadline_s = deadline_s
+        self.pool_limit_bytes = pool_limit_bytes
         self.events: list[RecoveryEvent] = []
         self.acked: dict[int, list[Replica]] = {}
         self.pools: dict[str, Any] = {}
@@ -206,12 +207,34 @@ class FaultManager:
                     put.pool,
                     str(e).splitlines()[0],
                 )
+                if put.pool not in self.dead_pools and not self._pool_alive(put.pool):
+                    self._replace_pool(put.pool)
                 continue
             self.acked.setdefault(put.unit, []).append(Replica(put.pool, put.node, put.step))
             put.round.waiting[put.unit] -= 1
         self._puts = still
-        while self._rounds and not any(self._rounds[0].waiting.values()):
-            self._commit(self._rounds.pop(0).step)
+        complete = [r.step for r in self._rounds if not any(r.waiting.values())]
+        if complete:  # the newest fully stored snapshot makes every older one unnecessary
+            newest = max(complete)
+            self._rounds = [r for r in self._rounds if r.step > newest]
+            self._commit(newest)
+
+    def _pool_alive(self, pool: str) -> bool:
+        try:
+            ray.get(self.pools[pool].ping.remote(), timeout=5.0)
+            return True
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+            return False
+
+    def _replace_pool(self, pool: str) -> None:
+        """A MemoryPool died: its replicas are gone; a new pool on the same node (if it lives) takes
+        the next snapshots."""
+        self.dead_pools.add(pool)
+        node = self.pool_nodes[pool]
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        logger.warning("MemoryPool %s died; %s", pool, "starting a new one" if node in alive else "node gone")
+        if node in alive:
+            self._start_pool(node, self.pool_limit_bytes)
 
     def _commit(self, step: int) -> None:
         self.log.commit(step)
@@ -225,86 +248,96 @@ class FaultManager:
     # -- recovery -----------------------------------------------------------------------------------------
 
     def recover(self, runtime: Any, error: UnitFault, calls: list[Any]) -> None:
-        """Replace the failed unit of ``error`` and re-send its calls in ``calls``; raise if impossible."""
+        """Replace the failed unit of ``error`` and re-send its calls in ``calls``; raise if impossible.
+
+        The replacement is restored before anything is replayed onto it; a replica that cannot be read
+        (its pool or node died meanwhile) is marked dead and the decision is taken again.
+        """
         u = error.unit
-        attempts = sum(1 for e in self.events[-_MAX_ATTEMPTS:] if e.unit == u and e.step == error.step)
-        if attempts >= _MAX_ATTEMPTS:
-            raise RecoveryFailed(
-                f"unit {u} failed {attempts} times at step {error.step}; giving up: {error}"
-            ) from error
         start = time.monotonic()
-        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-        old_node = self.unit_nodes[u]
-        fault = fault_from_error(error, node=old_node, node_alive=old_node in alive)
         ray.kill(runtime.units[u], no_restart=True)  # dead already, or stalled: either way it goes
+        # Snapshots in flight may land now (or fail, if the dead unit made them): count what landed.
+        deadline = time.monotonic() + self.deadline_s
         self._collect()
-        for pool, node in self.pool_nodes.items():
-            if node not in alive:
-                self.dead_pools.add(pool)
-        decision = decide_recovery(
-            fault,
-            live_nodes=alive,
-            replicas_by_unit=self.acked,
-            spares=[Spare(i, node) for i, (_, node) in enumerate(self.spares)],
-            dead_pools=self.dead_pools,
-            log_start=self.log.first_step(u),
-        )
-        if decision.action is RecoveryAction.FAIL:
-            raise RecoveryFailed(f"cannot recover unit {u} after {error}: {decision.reason}") from error
+        while self._puts and time.monotonic() < deadline:
+            self._collect(wait_s=0.05)
+        for _ in range(_MAX_ATTEMPTS):
+            alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+            old_node = self.unit_nodes[u]
+            fault = fault_from_error(error, node=old_node, node_alive=old_node in alive)
+            self.dead_pools |= {p for p, n in self.pool_nodes.items() if n not in alive}
+            decision = decide_recovery(
+                fault,
+                live_nodes=alive,
+                replicas_by_unit=self.acked,
+                spares=[Spare(i, node) for i, (_, node) in enumerate(self.spares)],
+                dead_pools=self.dead_pools,
+                log_start=self.log.first_step(u),
+            )
+            if decision.action is RecoveryAction.FAIL:
+                raise RecoveryFailed(f"cannot recover unit {u}: {decision.reason}") from error
+            new, node = self._start_replacement(runtime, u, decision, old_node)
+            replica = decision.restore_from
+            try:
+                ray.get(
+                    new.restore.remote(self.pools[replica.pool].get.remote(u, replica.step)),
+                    timeout=self.deadline_s,
+                )
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
+                logger.warning(
+                    "restoring unit %d from %s failed, trying again: %s",
+                    u,
+                    replica.pool,
+                    str(e).splitlines()[0],
+                )
+                self.dead_pools.add(replica.pool)
+                ray.kill(new, no_restart=True)
+                continue
+            replay = self.log.calls_for(u, decision.replay_since)
+            fresh = {id(call): getattr(new, call.method).remote(*call.args) for call in replay}
+            runtime.units[u] = new
+            self.unit_nodes[u] = node
+            for c in calls:
+                if c.unit == u:
+                    if c.logged is not None and id(c.logged) in fresh:
+                        c.ref = fresh[id(c.logged)]
+                    else:
+                        runtime.resend(c)
+            self.events.append(
+                RecoveryEvent(
+                    unit=u,
+                    kind=fault.kind,
+                    step=error.step,
+                    phase=error.phase,
+                    action=decision.action.value,
+                    node=node,
+                    restored_step=replica.step,
+                    replayed_calls=len(replay),
+                    recovery_s=time.monotonic() - start,
+                    detail=str(error),
+                )
+            )
+            logger.warning(
+                "recovered unit %d (%s in %s at step %d) on node %s from snapshot %d, replaying %d calls",
+                u,
+                fault.kind,
+                error.phase,
+                error.step,
+                node[:8],
+                replica.step,
+                len(replay),
+            )
+            return
+        raise RecoveryFailed(f"unit {u}: no replica could be restored in {_MAX_ATTEMPTS} attempts") from error
+
+    def _start_replacement(self, runtime: Any, u: int, decision: Any, old_node: str) -> tuple[Any, str]:
         if decision.action is RecoveryAction.REPLACE_ON_SPARE:
             options, node = self.spares.pop(decision.spare.slot)
-            new = runtime.start_unit(u, **options)
-        elif decision.node == old_node:
-            node = old_node  # its own bundle is free again
-            new = runtime.start_unit(u)
-        else:
-            node = decision.node
-            new = runtime.start_unit(
-                u,
-                num_cpus=0,
-                resources=None,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-            )
-        replica = decision.restore_from
-        restored = new.restore.remote(self.pools[replica.pool].get.remote(u, replica.step))
-        replay = self.log.calls_for(u, decision.replay_since)
-        fresh = {id(call): getattr(new, call.method).remote(*call.args) for call in replay}
-        runtime.units[u] = new
-        self.unit_nodes[u] = node
-        for c in calls:
-            if c.unit == u:
-                if c.logged is not None and id(c.logged) in fresh:
-                    c.ref = fresh[id(c.logged)]
-                else:
-                    runtime.resend(c)
-        try:
-            ray.get(restored, timeout=self.deadline_s)
-        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
-            self.dead_pools.add(replica.pool)  # try another replica on the next attempt
-            logger.warning("restoring unit %d from %s failed: %s", u, replica.pool, str(e).splitlines()[0])
-        event = RecoveryEvent(
-            unit=u,
-            kind=fault.kind,
-            step=error.step,
-            phase=error.phase,
-            action=decision.action.value,
-            node=node,
-            restored_step=replica.step,
-            replayed_calls=len(replay),
-            recovery_s=time.monotonic() - start,
-            detail=str(error),
-        )
-        self.events.append(event)
-        logger.warning(
-            "recovered unit %d (%s in %s at step %d) on node %s from snapshot %d, replaying %d calls",
-            u,
-            fault.kind,
-            error.phase,
-            error.step,
-            node[:8],
-            replica.step,
-            len(replay),
-        )
+            return runtime.start_unit(u, **options), node
+        if decision.node == old_node:
+            return runtime.start_unit(u), old_node  # its own bundle is free again
+        strategy = NodeAffinitySchedulingStrategy(decision.node, soft=False)
+        return runtime.start_unit(u, num_cpus=0, resources=None, scheduling_strategy=strategy), decision.node
 
     def close(self) -> None:
         for handle in self.pools.values():

@@ -1,0 +1,152 @@
+"""Chaos on one node: kill a unit in each phase, SIGKILL its process from outside, stall it past its
+deadline, kill a MemoryPool. Training goes on, and the final state equals a fault-free run bit for bit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import ray
+import torch
+from ray.util.placement_group import placement_group_table
+from ray.util.state import list_actors
+
+import zetta_ray as zr
+
+pytestmark = pytest.mark.chaos
+
+STEPS = 6
+FAULT_STEP = 3
+
+
+@pytest.fixture(scope="module")
+def cluster_with_dashboard():
+    """The state API (list_actors) needs the dashboard, so this module starts its own cluster."""
+    if ray.is_initialized():
+        ray.shutdown()
+    os.environ.pop("RAY_ADDRESS", None)
+    zr.init(num_cpus=2, include_dashboard=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the units' thread count: same reduction order on both sides
+    yield
+    torch.set_num_threads(before)
+
+
+def _config() -> zr.MoEConfig:
+    return zr.MoEConfig(
+        vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_experts=8, top_k=2, d_ff=64, seq_len=16
+    )
+
+
+def _batch(step: int) -> torch.Tensor:
+    return torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(100 + step % 3))
+
+
+def _train(fault=None, runtime=None) -> tuple[dict[str, torch.Tensor], list]:
+    """Six AdamW steps; ``fault(dmodel, step, phase)`` runs at every step before forward, before backward
+    and after the optimizer step (it acts where it wants)."""
+    torch.manual_seed(0)
+    model = zr.MoETransformer(_config())
+    with zr.parallelize(model, zr.ExpertParallel(degree=4), runtime=runtime) as dm:
+        opt = dm.optimizer(torch.optim.AdamW, lr=1e-2)
+        for step in range(STEPS):
+            b = _batch(step)
+            opt.zero_grad()
+            if fault:
+                fault(dm, step, "forward")
+            _, loss = dm(b[:, :-1], b[:, 1:])
+            if fault:
+                fault(dm, step, "backward")
+            loss.backward()
+            opt.step()
+            if fault:
+                fault(dm, step, "optimizer")
+        return dm.state_dict(), dm.recoveries
+
+
+@pytest.fixture(scope="module")
+def fault_free(cluster_with_dashboard, one_thread):
+    state, recoveries = _train()
+    assert recoveries == []
+    return state
+
+
+def _assert_same(state, reference):
+    assert list(state) == list(reference)
+    for key in reference:
+        assert torch.equal(state[key], reference[key]), key
+
+
+def _no_leftovers():
+    deadline = time.monotonic() + 20
+    while True:
+        alive = [
+            a
+            for a in list_actors(filters=[("state", "=", "ALIVE")])
+            if a.class_name in ("ComputeUnit", "MemoryPool")
+        ]
+        groups = [g for g in placement_group_table().values() if g["state"] != "REMOVED"]
+        if not alive and not groups:
+            return
+        assert time.monotonic() < deadline, (alive, groups)
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("phase", ["forward", "backward", "optimizer"])
+def test_unit_killed_in_each_phase(fault_free, phase):
+    def kill(dm, step, now):
+        if (step, now) == (FAULT_STEP, phase):
+            ray.kill(dm._runtime.units[1], no_restart=True)
+
+    state, recoveries = _train(kill)
+    _assert_same(state, fault_free)
+    assert len(recoveries) == 1 and recoveries[0].unit == 1
+    assert recoveries[0].restored_step >= FAULT_STEP - 1  # at most one step of work redone
+    _no_leftovers()
+
+
+def test_unit_process_sigkilled_from_outside(fault_free):
+    def sigkill(dm, step, now):
+        if (step, now) == (FAULT_STEP, "backward"):
+            units = list_actors(filters=[("class_name", "=", "ComputeUnit"), ("state", "=", "ALIVE")])
+            assert len(units) == 4, units
+            os.kill(units[0].pid, signal.SIGKILL)  # found by Ray's state API, not by asking zetta_ray
+
+    state, recoveries = _train(sigkill)
+    _assert_same(state, fault_free)
+    assert len(recoveries) == 1
+    _no_leftovers()
+
+
+def test_stalled_unit_is_replaced_after_its_deadline(fault_free):
+    def stall(dm, step, now):
+        if (step, now) == (FAULT_STEP, "forward"):
+            ray.get(dm._runtime.units[2].inject_delay.remote("backward", 300.0), timeout=30)
+
+    start = time.monotonic()
+    state, recoveries = _train(stall, runtime=zr.RuntimeConfig(deadline_s=4.0))
+    _assert_same(state, fault_free)
+    assert [(r.unit, r.kind, r.phase) for r in recoveries] == [(2, "deadline", "backward")]
+    assert time.monotonic() - start < 120
+    _no_leftovers()
+
+
+def test_memory_pool_killed_then_a_unit(fault_free):
+    def kill_pool_then_unit(dm, step, now):
+        if (step, now) == (2, "forward"):  # the only pool on this node: every replica is gone
+            ray.kill(next(iter(dm._faults.pools.values())), no_restart=True)
+        if (step, now) == (4, "backward"):  # recovery needs the snapshot stored in the new pool
+            ray.kill(dm._runtime.units[0], no_restart=True)
+
+    state, recoveries = _train(kill_pool_then_unit)
+    _assert_same(state, fault_free)
+    assert len(recoveries) == 1 and recoveries[0].unit == 0
+    _no_leftovers()
