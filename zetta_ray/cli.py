@@ -135,7 +135,14 @@ def load_config(path: str | Path | None = None, **train_overrides: Any) -> RunCo
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, steps=args.steps, seed=args.seed, data_dir=args.data_dir)
+    cfg = load_config(
+        args.config,
+        steps=args.steps,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+    )
     t, m = cfg.train, cfg.model
     _err(
         f"zetta-ray train: {t.steps} steps, batch {t.batch_size} x {m.seq_len} tokens, d_model {m.d_model}, "
@@ -151,7 +158,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     try:
         result = train(
-            cfg.model, cfg.train, cfg.runtime, address=args.address, on_step=on_step, log=_err_above_bar
+            cfg.model,
+            cfg.train,
+            cfg.runtime,
+            address=args.address,
+            on_step=on_step,
+            log=_err_above_bar,
+            resume=args.resume,
         )
     finally:
         for bar in bars:
@@ -174,6 +187,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", help="corpus directory (TrainConfig.data_dir; default: a cache dir)")
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local cluster)")
     p.add_argument("--metrics-json", metavar="PATH", help="write per-step loss, step time, tokens/s, config")
+    p.add_argument(
+        "--checkpoint-dir", metavar="URI", help="durable checkpoints here (a path, s3://, gs://, hdfs://)"
+    )
+    p.add_argument("--checkpoint-every", type=int, help="steps between durable checkpoints (default 100)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir"
+    )
     p.set_defaults(func=_cmd_train)
 
 

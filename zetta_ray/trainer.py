@@ -22,6 +22,7 @@ warm-up (first calls into fresh actor processes).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -31,8 +32,10 @@ from typing import Any
 import torch
 
 import zetta_ray as zr
+from zetta_ray.actors.wire import tree_from_wire, tree_to_wire
+from zetta_ray.checkpoint import AsyncFlusher, DurableStore, Snapshot
 from zetta_ray.config import MoEConfig, RuntimeConfig, TrainConfig
-from zetta_ray.data import Corpus, CorpusSpec, TokenLoader, ensure_corpus
+from zetta_ray.data import Corpus, CorpusSpec, LoaderState, TokenLoader, ensure_corpus
 
 __all__ = ["StepMetrics", "TrainResult", "train"]
 
@@ -57,6 +60,9 @@ class TrainResult:
     corpus_dir: str
     loader_state: dict[str, Any]
     config: dict[str, Any] = field(default_factory=dict)
+    state_sha256: str = ""  # of the final model state, tensors in key order: equal runs, equal hashes
+    resumed_from: int | None = None  # the durable checkpoint's step, when the run resumed
+    recoveries: list[dict[str, Any]] = field(default_factory=list)
 
     def last_losses_mean(self, n: int = 5) -> float:
         tail = self.steps[-n:]
@@ -83,6 +89,9 @@ class TrainResult:
             "wall_time_s": self.wall_time_s,
             "corpus_dir": self.corpus_dir,
             "loader_state": self.loader_state,
+            "state_sha256": self.state_sha256,
+            "resumed_from": self.resumed_from,
+            "recoveries": self.recoveries,
         }
 
 
@@ -95,6 +104,8 @@ def train(
     val_batches: int = 4,
     on_step: Callable[[StepMetrics], None] | None = None,
     log: Callable[[str], None] | None = None,
+    resume: bool = False,
+    chaos: Callable[[zr.DistributedModule, int, str], None] | None = None,
 ) -> TrainResult:
     """Train ``zr.MoETransformer(model_cfg)`` for ``train_cfg.steps`` steps; return the metrics.
 
@@ -102,6 +113,13 @@ def train(
     connected process keeps its connection). ``on_step`` sees every step's metrics as it finishes (the
     CLI's progress bar); ``log`` receives a few status lines. After training, the mean loss over
     ``val_batches`` batches of the held-out shard is reported (``None`` if the corpus has none).
+
+    With ``train_cfg.checkpoint_dir`` a durable checkpoint (full model state, both optimizers' state,
+    the loader's position) is written every ``checkpoint_every`` steps and after the last, off the
+    training thread; ``resume=True`` continues from the newest one that verifies, at the exact data
+    position, so the continuation is bit-identical to an uninterrupted run. ``chaos(dmodel, step,
+    phase)`` is called before forward, before backward and after the optimizer step of every step (the
+    chaos tool injects faults there).
     """
     runtime_cfg = runtime_cfg or RuntimeConfig()
     say = log or (lambda _msg: None)
@@ -122,17 +140,29 @@ def train(
     say(f"starting {degree} compute units for {model_cfg.n_layers} x {model_cfg.n_experts} experts")
     with zr.mesh(expert=degree):
         dmodel = zr.parallelize(model, zr.ExpertParallel(degree=degree), runtime=runtime_cfg)
+    store = DurableStore(train_cfg.checkpoint_dir) if train_cfg.checkpoint_dir else None
+    flusher = AsyncFlusher() if store is not None else None
+    resumed_from = None
     try:
         opt = dmodel.optimizer(torch.optim.AdamW, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        first = 0
+        if resume:
+            if store is None:
+                raise zr.errors.ConfigError("--resume needs --checkpoint-dir (TrainConfig.checkpoint_dir)")
+            first = resumed_from = _resume(store, dmodel, opt, loader, say)
         metrics = []
         tokens_per_step = train_cfg.batch_size * model_cfg.seq_len
-        for step in range(train_cfg.steps):
+        phase = chaos or (lambda _dm, _step, _phase: None)
+        for step in range(first, train_cfg.steps):
             t0 = time.perf_counter()
             x, y = next(loader)
             opt.zero_grad()
+            phase(dmodel, step, "forward")
             _, loss = dmodel(x, y)
+            phase(dmodel, step, "backward")
             loss.backward()
             opt.step()
+            phase(dmodel, step, "optimizer")
             value = loss.item()
             dt = time.perf_counter() - t0
             if not math.isfinite(value):
@@ -143,8 +173,18 @@ def train(
             metrics.append(m)
             if on_step is not None:
                 on_step(m)
+            done = step + 1
+            if flusher is not None and (done % train_cfg.checkpoint_every == 0 or done == train_cfg.steps):
+                snap = _durable_snapshot(dmodel, opt, loader, done, degree)
+                flusher.submit(lambda s=snap: store.write(s.step, {"model": s}), label=f"step {done}")
+        state = dmodel.state_dict()
         val_loss = _validate(dmodel, corpus, model_cfg, train_cfg, val_batches)
+        recoveries = [asdict(r) for r in dmodel.recoveries]
+        if flusher is not None:
+            flusher.flush(timeout=runtime_cfg.deadline_s)
     finally:
+        if flusher is not None:
+            flusher.close(timeout=runtime_cfg.deadline_s)
         dmodel.close()
     return TrainResult(
         steps=metrics,
@@ -153,7 +193,53 @@ def train(
         corpus_dir=str(corpus.dir),
         loader_state=loader.state().to_dict(),
         config={"model": asdict(model_cfg), "train": asdict(train_cfg), "runtime": asdict(runtime_cfg)},
+        state_sha256=state_sha256(state),
+        resumed_from=resumed_from,
+        recoveries=recoveries,
     )
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """One hash of a model state: names, shapes, dtypes and bytes, in key order."""
+    h = hashlib.sha256()
+    for name, t in state.items():
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _durable_snapshot(
+    dmodel: zr.DistributedModule, opt: zr.DistributedOptimizer, loader: TokenLoader, step: int, degree: int
+) -> Snapshot:
+    """Everything a restarted controller needs: the whole model, both optimizers, the data position."""
+    return Snapshot(
+        step=step,
+        tensors={k: v.detach().numpy().copy() for k, v in dmodel.state_dict().items()},
+        optimizer=tree_to_wire(opt.state_dict()),
+        data_position=loader.state().to_dict(),
+        mesh={"expert_degree": degree},
+    )
+
+
+def _resume(
+    store: DurableStore,
+    dmodel: zr.DistributedModule,
+    opt: zr.DistributedOptimizer,
+    loader: TokenLoader,
+    say: Callable[[str], None],
+) -> int:
+    info = store.latest()
+    if info is None:
+        say(f"no checkpoint in {store.uri}: starting at step 0")
+        return 0
+    snap = store.load(info, "model")
+    dmodel.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in snap.tensors.items()})
+    opt.load_state_dict(
+        {"dense": tree_from_wire(snap.optimizer["dense"]), "experts": snap.optimizer["experts"]}
+    )
+    loader.load_state(LoaderState.from_dict(snap.data_position))
+    say(f"resumed from the checkpoint of step {snap.step} ({info.path})")
+    return snap.step
 
 
 def _validate(

@@ -22,33 +22,13 @@ import torch
 from torch import nn
 
 from zetta_ray.actors.snapshot import restore_unit, unit_snapshot
-from zetta_ray.actors.wire import from_wire, to_wire
+from zetta_ray.actors.wire import from_wire, to_wire, tree_from_wire, tree_to_wire
 from zetta_ray.checkpoint import decode_snapshot, encode_snapshot
 
 __all__ = ["ComputeUnit", "ComputeUnitActor"]
 
 ExpertKey = tuple[int, int]
 SaveKey = tuple[int, int, int]  # (step, layer, micro-batch)
-
-
-def _tree_to_wire(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return to_wire(obj.clone())
-    if isinstance(obj, dict):
-        return {k: _tree_to_wire(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_tree_to_wire(v) for v in obj)
-    return obj
-
-
-def _tree_from_wire(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        return torch.from_numpy(obj.copy())
-    if isinstance(obj, dict):
-        return {k: _tree_from_wire(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_tree_from_wire(v) for v in obj)
-    return obj
 
 
 class ComputeUnit:
@@ -164,12 +144,12 @@ class ComputeUnit:
     def optimizer_state_dict(self) -> dict[str, Any]:
         if self.optimizer is None:
             return {}
-        return _tree_to_wire(self.optimizer.state_dict())
+        return tree_to_wire(self.optimizer.state_dict())
 
     def load_optimizer_state_dict(self, state: dict[str, Any]) -> None:
         if self.optimizer is None:
             raise RuntimeError(f"unit {self.unit_id}: load_optimizer_state_dict before set_optimizer")
-        self.optimizer.load_state_dict(_tree_from_wire(state))
+        self.optimizer.load_state_dict(tree_from_wire(state))
 
     # -- control ------------------------------------------------------------------------------------
 

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["from_wire", "to_wire"]
+__all__ = ["from_wire", "to_wire", "tree_from_wire", "tree_to_wire"]
 
 
 def to_wire(t: torch.Tensor) -> np.ndarray:
@@ -22,3 +23,25 @@ def from_wire(a: np.ndarray) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(a)
+
+
+def tree_to_wire(obj: Any) -> Any:
+    """A nested state (an optimizer's ``state_dict()``) with every tensor copied to a numpy array."""
+    if isinstance(obj, torch.Tensor):
+        return to_wire(obj.clone())
+    if isinstance(obj, dict):
+        return {k: tree_to_wire(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(tree_to_wire(v) for v in obj)
+    return obj
+
+
+def tree_from_wire(obj: Any) -> Any:
+    """The inverse of ``tree_to_wire``: numpy arrays back to (writable, owned) tensors."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, dict):
+        return {k: tree_from_wire(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(tree_from_wire(v) for v in obj)
+    return obj

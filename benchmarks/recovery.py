@@ -1,0 +1,128 @@
+"""Trickle checkpointing's cost and recovery's speed.
+
+1. Overhead: the same MoE training step with a snapshot of every unit after every step
+   (``TrickleCheckpoint(every=1)``) against none (``checkpoint=False``), same run, interleaved rounds,
+   median after warm-up; the ratio is the overhead (target <= 1.03 at d_model=512).
+2. Recovery: a unit actor is killed at a step; the time from the kill to the end of the next completed
+   step, p50 and p95 over ``--kills`` kills (target <= 5 s), and the steps redone (snapshot step vs the
+   step in progress; target 0, never more than 1).
+
+    python benchmarks/recovery.py [--steps 6] [--rounds 2] [--kills 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import ray
+import torch
+
+import zetta_ray as zr
+
+
+def _model(d_model: int) -> zr.MoETransformer:
+    torch.manual_seed(0)
+    cfg = zr.MoEConfig(
+        vocab_size=256,
+        d_model=d_model,
+        n_layers=2,
+        n_heads=8,
+        n_experts=8,
+        top_k=2,
+        d_ff=4 * d_model,
+        seq_len=128,
+    )
+    return zr.MoETransformer(cfg)
+
+
+def _step(dm, opt, x, y) -> float:
+    start = time.perf_counter()
+    opt.zero_grad()
+    _, loss = dm(x, y)
+    loss.backward()
+    opt.step()
+    loss.item()
+    return time.perf_counter() - start
+
+
+def overhead(d_model: int, steps: int, warmup: int, rounds: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, 256, (8, 129), generator=g)
+    x, y = batch[:, :-1], batch[:, 1:]
+    runs = {}
+    mods = {
+        "none": zr.parallelize(_model(d_model), zr.ExpertParallel(degree=4), checkpoint=False),
+        "every_step": zr.parallelize(_model(d_model), zr.ExpertParallel(degree=4)),
+    }
+    try:
+        opts = {k: m.optimizer(torch.optim.AdamW, lr=1e-3) for k, m in mods.items()}
+        for _ in range(rounds):
+            for k, m in mods.items():
+                times = [_step(m, opts[k], x, y) for _ in range(warmup + steps)]
+                runs.setdefault(k, []).extend(times[warmup:])
+    finally:
+        for m in mods.values():
+            m.close()
+    none, every = statistics.median(runs["none"]), statistics.median(runs["every_step"])
+    return {
+        "benchmark": "snapshot_overhead",
+        "d_model": d_model,
+        "units": 4,
+        "steps_measured": len(runs["none"]),
+        "no_snapshot_median_s": round(none, 4),
+        "snapshot_every_step_median_s": round(every, 4),
+        "ratio": round(every / none, 3),
+    }
+
+
+def recovery(kills: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, 256, (8, 129), generator=g)
+    x, y = batch[:, :-1], batch[:, 1:]
+    times, redone = [], []
+    with zr.parallelize(_model(128), zr.ExpertParallel(degree=4)) as dm:
+        opt = dm.optimizer(torch.optim.AdamW, lr=1e-3)
+        for _ in range(3):
+            _step(dm, opt, x, y)
+        for k in range(kills):
+            for _ in range(2):
+                _step(dm, opt, x, y)
+            step_in_progress = dm.step
+            start = time.perf_counter()
+            ray.kill(dm._runtime.units[k % 4], no_restart=True)
+            _step(dm, opt, x, y)
+            times.append(time.perf_counter() - start)
+            event = dm.recoveries[-1]
+            redone.append(step_in_progress - event.restored_step)
+    return {
+        "benchmark": "recovery_time_actor",
+        "kills": kills,
+        "kill_to_next_step_p50_s": round(float(np.percentile(times, 50)), 3),
+        "kill_to_next_step_p95_s": round(float(np.percentile(times, 95)), 3),
+        "steps_redone_max": int(max(redone)),
+        "steps_redone": redone,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--kills", type=int, default=5)
+    args = parser.parse_args()
+    zr.init()
+    torch.set_num_threads(2)
+    for d_model in (512, 256):
+        print(json.dumps(overhead(d_model, args.steps, args.warmup, args.rounds)), flush=True)
+    print(json.dumps(recovery(args.kills)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
