@@ -79,6 +79,12 @@ def fault_free(cluster_with_dashboard, one_thread):
     return state
 
 
+def _actors(**filters: str) -> list:
+    """Ray's state API, asked about this module's cluster by address (several clusters may run here)."""
+    address = ray.get_runtime_context().gcs_address
+    return list_actors(address=address, filters=[(k, "=", v) for k, v in filters.items()])
+
+
 def _assert_same(state, reference):
     assert list(state) == list(reference)
     for key in reference:
@@ -116,7 +122,7 @@ def test_unit_killed_in_each_phase(fault_free, phase):
 def test_unit_process_sigkilled_from_outside(fault_free):
     def sigkill(dm, step, now):
         if (step, now) == (FAULT_STEP, "backward"):
-            units = list_actors(filters=[("class_name", "=", "ComputeUnit"), ("state", "=", "ALIVE")])
+            units = _actors(class_name="ComputeUnit", state="ALIVE")
             assert len(units) == 4, units
             os.kill(units[0].pid, signal.SIGKILL)  # found by Ray's state API, not by asking zetta_ray
 
