@@ -13,7 +13,7 @@ for x, y in batches:
     opt.step()
 """
 
-from zetta_ray import data, errors
+from zetta_ray import chaos, data, errors
 from zetta_ray.api import (
     DistributedModule,
     DistributedOptimizer,
@@ -34,6 +34,7 @@ from zetta_ray.placement.slice_plan import SliceRequest
 __version__ = "0.1.0"
 
 __all__ = [
+    "chaos",
     "DistributedModule",
     "DistributedOptimizer",
     "ExpertFFN",

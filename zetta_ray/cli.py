@@ -38,6 +38,7 @@ import ray
 from tqdm import tqdm
 
 import zetta_ray as zr
+from zetta_ray.chaos import Chaos, parse_kill
 from zetta_ray.config import MoEConfig, RuntimeConfig, TrainConfig, from_mapping
 from zetta_ray.errors import ConfigError, ZettaError
 from zetta_ray.placement import (
@@ -195,6 +196,88 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir"
     )
     p.set_defaults(func=_cmd_train)
+
+
+# -- chaos ------------------------------------------------------------------------------------------------
+
+
+def _cmd_chaos(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, steps=args.steps, seed=args.seed, data_dir=args.data_dir)
+    kills = [parse_kill(k) for k in args.kill or []]
+    if not kills and not args.rate:
+        raise ConfigError("zetta-ray chaos needs faults: --kill TARGET:STEP[:PHASE[:INDEX]] or --rate R")
+    monkey = Chaos(kills, rate=args.rate, seed=args.chaos_seed, targets=args.targets.split(","))
+    _err(f"zetta-ray chaos: a fault-free run of {cfg.train.steps} steps, then the same run under chaos")
+    clean = train(cfg.model, cfg.train, cfg.runtime, address=args.address, log=_err_above_bar, val_batches=0)
+    faulty = train(
+        cfg.model,
+        cfg.train,
+        cfg.runtime,
+        address=args.address,
+        log=_err_above_bar,
+        val_batches=0,
+        chaos=monkey,
+    )
+    lost = [r["step"] - r["restored_step"] for r in faulty.recoveries]
+    times = sorted(r["recovery_s"] for r in faulty.recoveries)
+    report = {
+        "faults_injected": monkey.injected,
+        "recoveries": faulty.recoveries,
+        "time_to_recover_s": {
+            "p50": times[len(times) // 2] if times else None,
+            "max": times[-1] if times else None,
+        },
+        "steps_redone": {"max": max(lost, default=0), "each": lost},
+        "fault_free_sha256": clean.state_sha256,
+        "chaos_sha256": faulty.state_sha256,
+        "bitwise_identical": clean.state_sha256 == faulty.state_sha256,
+        "wall_time_s": {"fault_free": clean.wall_time_s, "chaos": faulty.wall_time_s},
+    }
+    for f in monkey.injected:
+        print(f"injected: {f}")
+    for r in faulty.recoveries:
+        print(
+            f"recovered: unit {r['unit']} ({r['kind']} in {r['phase']} at step {r['step']}) by "
+            f"{r['action']} from snapshot {r['restored_step']} in {r['recovery_s']:.2f} s, "
+            f"{r['replayed_calls']} calls replayed"
+        )
+    verdict = "IDENTICAL" if report["bitwise_identical"] else "DIFFERS"
+    print(
+        f"{len(monkey.injected)} fault(s), {len(faulty.recoveries)} recovery(ies), steps redone "
+        f"{report['steps_redone']['max']}; final state {verdict} to the fault-free run "
+        f"({faulty.state_sha256[:16]})"
+    )
+    if args.json:
+        _write_json(args.json, report)
+    return 0 if report["bitwise_identical"] else 1
+
+
+def _add_chaos(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "chaos",
+        help="train under injected faults and compare with a fault-free run",
+        description=(
+            "Run the train job twice, without and with faults (units or memory pools killed at a step and "
+            "phase, or at random), and report faults, recoveries, time to recover, steps redone, and "
+            "whether the final state is bit-identical. Exit 1 if it is not."
+        ),
+    )
+    p.add_argument("--config", metavar="FILE.toml", help="as for train")
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--seed", type=int, help="seed for weights and data order")
+    p.add_argument("--data-dir", help="corpus directory")
+    p.add_argument("--address", help="Ray cluster to join")
+    p.add_argument(
+        "--kill",
+        action="append",
+        metavar="TARGET:STEP[:PHASE[:INDEX]]",
+        help="e.g. unit:3:backward:1 or pool:5 (repeatable); PHASE is forward, backward or optimizer",
+    )
+    p.add_argument("--rate", type=float, default=0.0, help="probability of a random kill per step and phase")
+    p.add_argument("--chaos-seed", type=int, default=0, help="seed of the random kills")
+    p.add_argument("--targets", default="unit", help="what random kills hit: unit,pool")
+    p.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    p.set_defaults(func=_cmd_chaos)
 
 
 # -- plan -------------------------------------------------------------------------------------------------
@@ -530,6 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_plan(sub)
     _add_simulate(sub)
+    _add_chaos(sub)
     return parser
 
 

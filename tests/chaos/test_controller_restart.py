@@ -111,3 +111,32 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous(setup):
     assert fallback["resumed_from"] == 5  # the corrupted step-10 checkpoint was refused
     assert len(fallback["steps"]) == 5
     assert "model.safetensors" in done.stderr  # the bad file is named
+
+
+def test_chaos_command_reports_faults_recoveries_and_identity(setup, capsys):
+    from zetta_ray.cli import main
+
+    _, root = setup
+    out = root / "chaos.json"
+    code = main(
+        [
+            "chaos",
+            "--config",
+            str(root / "run.toml"),
+            "--steps",
+            "6",
+            "--kill",
+            "unit:2:backward:1",
+            "--kill",
+            "pool:4:forward",
+            "--json",
+            str(out),
+        ]
+    )
+    report = json.loads(out.read_text())
+    assert code == 0, capsys.readouterr().out
+    assert [f["target"] for f in report["faults_injected"]] == ["unit", "pool"]
+    assert [r["unit"] for r in report["recoveries"]] == [1]
+    assert report["steps_redone"]["max"] <= 1
+    assert report["bitwise_identical"] and report["fault_free_sha256"] == report["chaos_sha256"]
+    assert "IDENTICAL" in capsys.readouterr().out
