@@ -162,7 +162,7 @@ class FaultManager:
     def _replica_targets(self, u: int, live: set[str]) -> tuple[tuple[str, str], ...]:
         """Where unit ``u``'s next snapshot goes; decided again only when the cluster changes."""
         live_pools = {p: n for p, n in self.pool_nodes.items() if p not in self.dead_pools and n in live}
-        key = (self.unit_nodes[u], tuple(sorted(live_pools.items())), frozenset(self.full_pools))
+        key = (u, self.unit_nodes[u], tuple(sorted(live_pools.items())), frozenset(self.full_pools))
         if key not in self._targets:
             self._targets[key] = decide_replica_nodes(
                 self.unit_nodes[u],
