@@ -79,14 +79,21 @@ class DistributedModule:
             raise
         self._faults: FaultManager | None = None
         if checkpoint is not False:
-            self._faults = FaultManager(
-                checkpoint or TrickleCheckpoint(),
-                unit_nodes=[b.node_id for b in self._slice.units],
-                spares=[(self._slice.actor_options(b), b.node_id) for b in self._slice.spares],
-                deadline_s=self.runtime_config.deadline_s,
-            )
-            self._faults.attach(self._runtime)
-            self._faults.snapshot(self._runtime, wait=True)  # step 0: restorable before the first step
+            try:
+                self._faults = FaultManager(
+                    checkpoint or TrickleCheckpoint(),
+                    unit_nodes=[b.node_id for b in self._slice.units],
+                    spares=[(self._slice.actor_options(b), b.node_id) for b in self._slice.spares],
+                    deadline_s=self.runtime_config.deadline_s,
+                )
+                self._faults.attach(self._runtime)
+                self._faults.snapshot(self._runtime, wait=True)  # step 0: restorable before the first step
+            except BaseException:
+                if self._faults is not None:
+                    self._faults.close()
+                self._runtime.close()
+                self._slice.remove()
+                raise
         for i, (_, layer) in enumerate(layers):
             layer.experts = nn.ModuleList()  # the experts now live on the units
             layer.executor = RemoteExperts(self._runtime, i)
