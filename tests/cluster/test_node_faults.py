@@ -11,6 +11,7 @@ import pytest
 import ray
 import torch
 from ray.cluster_utils import Cluster
+from ray.util.placement_group import placement_group_table
 
 import zetta_ray as zr
 
@@ -100,3 +101,7 @@ def test_node_removed_mid_step(npu_cluster, fault_free, graceful):
         assert r.kind == "node" and r.node != lost["node"]
         assert r.restored_step >= FAULT_STEP  # at most the unfinished step is redone
     assert time.monotonic() - start < 120
+    deadline = time.monotonic() + 20  # nothing left behind: every slice removed (asynchronously)
+    while any(g["state"] != "REMOVED" for g in placement_group_table().values()):
+        assert time.monotonic() < deadline, placement_group_table()
+        time.sleep(0.2)
