@@ -70,16 +70,13 @@ class DistributedModule:
         self._expert_prefix = {i: f"{name}.experts." for i, (name, _) in enumerate(layers)}
         experts = [list(layer.experts) for _, layer in layers]
         self._slice = reserve_slice(request, _workload([layer for _, layer in layers]), placer)
+        self._runtime: ExpertRuntime | None = None
+        self._faults: FaultManager | None = None
         try:
             layout = Layout(request.units, self._slice.plan.unit_LE)
             options = [self._slice.actor_options(b) for b in self._slice.units]
             self._runtime = ExpertRuntime.launch(experts, layout, self.runtime_config, options)
-        except BaseException:
-            self._slice.remove()
-            raise
-        self._faults: FaultManager | None = None
-        if checkpoint is not False:
-            try:
+            if checkpoint is not False:
                 self._faults = FaultManager(
                     checkpoint or TrickleCheckpoint(),
                     unit_nodes=[b.node_id for b in self._slice.units],
@@ -88,12 +85,9 @@ class DistributedModule:
                 )
                 self._faults.attach(self._runtime)
                 self._faults.snapshot(self._runtime, wait=True)  # step 0: restorable before the first step
-            except BaseException:
-                if self._faults is not None:
-                    self._faults.close()
-                self._runtime.close()
-                self._slice.remove()
-                raise
+        except BaseException:
+            self._release()
+            raise
         for i, (_, layer) in enumerate(layers):
             layer.experts = nn.ModuleList()  # the experts now live on the units
             layer.executor = RemoteExperts(self._runtime, i)
@@ -179,15 +173,19 @@ class DistributedModule:
     # -- lifetime -------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Kill every actor of this module. Safe to call twice."""
+        """Kill every actor of this module and remove its placement group. Safe to call twice."""
         if not self._closed:
             self._closed = True
-            try:
+            self._release()
+
+    def _release(self) -> None:
+        try:
+            if self._runtime is not None:
                 self._runtime.close()
-                if self._faults is not None:
-                    self._faults.close()
-            finally:
-                self._slice.remove()
+            if self._faults is not None:
+                self._faults.close()
+        finally:
+            self._slice.remove()
 
     @property
     def recoveries(self) -> list[RecoveryEvent]:
