@@ -94,11 +94,7 @@ def _assert_same(state, reference):
 def _no_leftovers():
     deadline = time.monotonic() + 20
     while True:
-        alive = [
-            a
-            for a in list_actors(filters=[("state", "=", "ALIVE")])
-            if a.class_name in ("ComputeUnit", "MemoryPool")
-        ]
+        alive = [a for a in _actors(state="ALIVE") if a.class_name in ("ComputeUnit", "MemoryPool")]
         groups = [g for g in placement_group_table().values() if g["state"] != "REMOVED"]
         if not alive and not groups:
             return
