@@ -138,12 +138,11 @@ class FaultManager:
         ``wait`` blocks until the copies are stored (the step-0 snapshot does, so that a unit lost before
         its first step can already be restored)."""
         step = runtime.step
-        live = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         round_ = _SnapshotRound(step)
         now = time.monotonic()
         for u, unit in enumerate(runtime.units):
             blob = unit.snapshot.remote(step)  # owned here: it outlives the unit until the pools copy it
-            targets = self._replica_targets(u, live)
+            targets = self._replica_targets(u)
             round_.waiting[u] = len(targets)
             for pool, node in targets:
                 ref = self.pools[pool].put.remote(u, step, blob)
@@ -159,16 +158,18 @@ class FaultManager:
                     f"(acknowledgements missing: {round_.waiting}); check the MemoryPool actors"
                 )
 
-    def _replica_targets(self, u: int, live: set[str]) -> tuple[tuple[str, str], ...]:
-        """Where unit ``u``'s next snapshot goes; decided again only when the cluster changes."""
-        live_pools = {p: n for p, n in self.pool_nodes.items() if p not in self.dead_pools and n in live}
+    def _replica_targets(self, u: int) -> tuple[tuple[str, str], ...]:
+        """Where unit ``u``'s next snapshot goes; decided again only when the pools change.
+
+        No cluster query on this per-step path: a pool whose put fails is checked and replaced, and
+        recovery marks the pools of dead nodes, so ``dead_pools`` is what changes."""
+        live_pools = {p: n for p, n in self.pool_nodes.items() if p not in self.dead_pools}
         key = (u, self.unit_nodes[u], tuple(sorted(live_pools.items())), frozenset(self.full_pools))
         if key not in self._targets:
             self._targets[key] = decide_replica_nodes(
                 self.unit_nodes[u],
                 live_pools,
                 self.config.replicas,
-                live_nodes=live,
                 full_pools=self.full_pools,
                 key=u,
             )
@@ -237,13 +238,15 @@ class FaultManager:
             self._start_pool(node, self.pool_limit_bytes)
 
     def _commit(self, step: int) -> None:
+        """Drop what the snapshots of ``step`` make unnecessary: older journal calls and older copies
+        (only in the pools that hold them)."""
         self.log.commit(step)
+        stale = set()
         for u, replicas in self.acked.items():
+            stale |= {(r.pool, u) for r in replicas if r.step < step and r.pool not in self.dead_pools}
             self.acked[u] = [r for r in replicas if r.step >= step]
-        for pool, handle in self.pools.items():
-            if pool not in self.dead_pools:
-                for u in self.acked:
-                    handle.drop_before.remote(u, step)  # fire-and-forget housekeeping
+        for pool, u in sorted(stale):
+            self.pools[pool].drop_before.remote(u, step)  # fire-and-forget housekeeping
 
     # -- recovery -----------------------------------------------------------------------------------------
 
