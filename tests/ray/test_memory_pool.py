@@ -120,20 +120,24 @@ def test_a_snapshot_held_by_pools_outlives_its_unit_and_restores_bitwise():
         timeout=T,
     )
     _train([doomed, survivor], range(3))
-    acks = ray.get(doomed.snapshot_to.remote(3, pools), timeout=T)  # the unit sends the bytes itself
+    acks = ray.get(doomed.snapshot_to.remote(3, pools), timeout=T)  # the unit sends the snapshot itself
     nbytes = ray.get(acks, timeout=T)
-    assert nbytes[0] == nbytes[1] > 0
-    # Kill the unit that produced (and, through ray.put, owned) the blob.
+    expected = ray.get(doomed.snapshot.remote(3), timeout=T)
+    assert nbytes[0] == nbytes[1] == expected.nbytes > 0
+    # Kill the unit that produced (and, through ray.put, owned) the object the pools hold, then fill
+    # the object store so that memory Ray had freed would be reused: the pools' arrays must not change.
     ray.kill(doomed, no_restart=True)
     _wait_until_dead(doomed)
+    filler = [ray.put(np.full(2**24, 0xAB, np.uint8)) for _ in range(8)]
+    del filler
     copies = ray.get([p.get.remote(0, 3) for p in pools], timeout=T)
-    assert copies[0] == copies[1] and len(copies[0]) == nbytes[0]
+    assert encode_snapshot(copies[0]) == encode_snapshot(copies[1]) == encode_snapshot(expected)
     replacement = _unit_actor()
     assert ray.get(replacement.restore.remote(pools[1].get.remote(0)), timeout=T) == 3
     assert ray.get(replacement.ping.remote(), timeout=T)["steps_applied"] == 3
-    # Bytes are the interface: the same copy restores in any process, this one included.
+    # Encoded, the same copy restores in any process, this one included.
     local = ComputeUnit(0, {k: ExpertFFN(D, 16).to("meta") for k in KEYS})
-    assert local.restore(copies[0]) == 3
+    assert local.restore(encode_snapshot(copies[0])) == 3
     restored = ray.get(replacement.state_dict.remote(), timeout=T)
     assert all(np.array_equal(local.state_dict()[k], v) for k, v in restored.items())
     _train([replacement, survivor], range(3, 5))

@@ -158,7 +158,7 @@ def test_a_custom_optimizer_must_be_set_before_restoring():
 
 def test_a_corrupted_blob_is_refused_naming_the_tensor():
     unit = _trained_unit()
-    blob = bytearray(unit.snapshot(0))
+    blob = bytearray(encode_snapshot(unit.snapshot(0)))
     blob[-3] ^= 0xFF  # the last tensor's bytes
     with pytest.raises(CorruptCheckpointError, match="sha256 mismatch"):
         _fresh_unit().restore(bytes(blob))

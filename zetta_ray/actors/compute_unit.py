@@ -23,7 +23,7 @@ from torch import nn
 
 from zetta_ray.actors.snapshot import restore_unit, unit_snapshot
 from zetta_ray.actors.wire import from_wire, to_wire, tree_from_wire, tree_to_wire
-from zetta_ray.checkpoint import decode_snapshot, encode_snapshot
+from zetta_ray.checkpoint import Snapshot, decode_snapshot
 
 __all__ = ["ComputeUnit", "ComputeUnitActor"]
 
@@ -114,9 +114,11 @@ class ComputeUnit:
 
     # -- state --------------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, np.ndarray]:
+    def state_dict(self, copy: bool = True) -> dict[str, np.ndarray]:
+        """Parameters and buffers as numpy arrays: copies, or with ``copy=False`` views of the live
+        tensors (see ``actors.snapshot.unit_snapshot``)."""
         return {
-            f"{layer}.{expert}.{name}": to_wire(t.clone())
+            f"{layer}.{expert}.{name}": to_wire(t.clone() if copy else t)
             for (layer, expert), module in self.experts.items()
             for name, t in module.state_dict().items()
         }
@@ -141,10 +143,10 @@ class ComputeUnit:
             for name in module.state_dict()
         ]
 
-    def optimizer_state_dict(self) -> dict[str, Any]:
+    def optimizer_state_dict(self, copy: bool = True) -> dict[str, Any]:
         if self.optimizer is None:
             return {}
-        return tree_to_wire(self.optimizer.state_dict())
+        return tree_to_wire(self.optimizer.state_dict(), copy=copy)
 
     def load_optimizer_state_dict(self, state: dict[str, Any]) -> None:
         if self.optimizer is None:
@@ -181,24 +183,35 @@ class ComputeUnit:
 
     # -- snapshots (trickle checkpointing; see actors/snapshot.py and docs/recovery.md) -----------------
 
-    def snapshot(self, step: int) -> bytes:
-        """This unit's state after ``step`` completed optimizer steps, as verified snapshot bytes."""
-        return encode_snapshot(unit_snapshot(self, step))
+    def snapshot(self, step: int, copy: bool = True) -> Snapshot:
+        """This unit's state after ``step`` completed optimizer steps.
+
+        Called through Ray, pass ``copy=False``: the returned arrays are then views of the live state,
+        and Ray's write of the return value into the object store is the only copy made (it happens
+        before this actor runs its next call, so no later step can change the bytes). The fault manager
+        does this after every step; MemoryPool actors hold the object store's copy without copying it
+        again.
+        """
+        return unit_snapshot(self, step, copy=copy)
 
     def snapshot_to(self, step: int, pools: list[Any]) -> list[ray.ObjectRef]:
-        """Encode this unit's snapshot once and hand it to each MemoryPool actor in ``pools``.
+        """Put this unit's snapshot in the object store once and hand it to each MemoryPool in ``pools``.
 
-        Returns the pools' ``put`` results (ObjectRefs of the bytes each stored) without waiting for
-        them, so the unit goes on serving calls while the bytes travel. Each pool keeps its own copy,
-        which outlives this unit; the refs themselves belong to this unit (a caller that waits on them
-        after the unit died gets an error, and should not count those replicas as stored).
+        Returns the pools' ``put`` results (ObjectRefs of the byte counts) without waiting for them, so
+        the unit goes on serving calls while the snapshot travels. The object belongs to this unit, but
+        each pool holds the arrays it received, and a pool's copy outlives this unit (Ray keeps object
+        memory that a live process still reads); the returned refs are this unit's (a caller that waits
+        on them after the unit died gets an error, and should not count those replicas as stored).
         """
-        blob = ray.put(self.snapshot(step))  # one object in this node's store, read by every pool
-        return [pool.put.remote(self.unit_id, step, blob) for pool in pools]
+        ref = ray.put(self.snapshot(step, copy=False))  # the one copy, read by every pool
+        return [pool.put.remote(self.unit_id, step, ref) for pool in pools]
 
-    def restore(self, blob: bytes) -> int:
-        """Load a snapshot made by ``snapshot`` (checking every tensor's sha256); return its step."""
-        return restore_unit(self, decode_snapshot(blob, source=f"unit {self.unit_id} snapshot"))
+    def restore(self, snapshot: Snapshot | bytes) -> int:
+        """Load a snapshot (a ``Snapshot``, or encoded bytes whose every tensor's sha256 is checked);
+        return its step."""
+        if not isinstance(snapshot, Snapshot):
+            snapshot = decode_snapshot(snapshot, source=f"unit {self.unit_id} snapshot")
+        return restore_unit(self, snapshot)
 
 
 ComputeUnitActor = ray.remote(max_restarts=0, max_task_retries=0)(ComputeUnit)

@@ -2,15 +2,23 @@
 
 In Ray an object belongs to the process that created it; when that process dies, the object is lost,
 even if copies of its bytes sit in other nodes' object stores. A snapshot that only its unit owns would
-die with the unit, which is exactly when it is needed. So each unit hands its encoded snapshot
-(``actors.snapshot``, ``checkpoint.encode_snapshot``) to MemoryPool actors on R other nodes, and each
-pool keeps its own copy in its own heap: the ``bytes`` argument of ``put`` arrives deserialized in the
-pool's process, so the pool owns it outright and byte accounting is exact. The copy lives as long as
-the pool does; a pool that dies loses its copies (the other replicas remain).
+die with the unit, which is exactly when it is needed. So each unit's snapshot
+(``actors.snapshot``) is handed to MemoryPool actors on R other nodes, and each pool holds it:
+
+- A ``checkpoint.Snapshot`` (what the fault manager sends after every step) arrives as numpy arrays
+  that Ray maps from the object store of the pool's node, without a copy (Ray moved the bytes there if
+  they were made on another node). The pool keeps those arrays, and Ray keeps object memory that a
+  live process still reads, even after the object's owner or the unit that made it died; so the copy
+  lives as long as the pool holds it and costs the training loop nothing beyond the unit's one write
+  into the object store.
+- Encoded snapshot ``bytes`` (``checkpoint.encode_snapshot``) arrive as the pool's own copy.
+
+A pool that dies loses its copies (the other replicas remain).
 
 Blobs are keyed by ``(unit, step)``: the owner part (a unit index, or a name such as ``"controller"``)
-and the number of optimizer steps completed when the snapshot was taken. ``put`` reads the blob's
-manifest (its header only; ``checkpoint.read_manifest``) and refuses one whose step is not the key's.
+and the number of optimizer steps completed when the snapshot was taken. ``put`` reads the snapshot's
+step (for bytes, from the manifest alone: ``checkpoint.read_manifest``) and refuses one whose step is
+not the key's. Byte accounting counts the arrays (or the bytes) held.
 
 The byte limit protects the node: a put that would pass it first evicts that owner's older steps (a
 newer snapshot of a part makes its older ones useless for recovery) and, if the blob still does not
@@ -30,7 +38,7 @@ from typing import Any
 
 import ray
 
-from zetta_ray.checkpoint import read_manifest
+from zetta_ray.checkpoint import Snapshot, read_manifest
 from zetta_ray.errors import ConfigError, ZettaError
 
 __all__ = ["MemoryPool", "MemoryPoolActor", "PoolFullError", "SnapshotNotHeldError"]
@@ -38,6 +46,7 @@ __all__ = ["MemoryPool", "MemoryPoolActor", "PoolFullError", "SnapshotNotHeldErr
 logger = logging.getLogger(__name__)
 
 Owner = int | str  # a unit index, or a part name such as "controller"
+Held = Snapshot | bytes
 
 
 class PoolFullError(ZettaError, MemoryError):
@@ -79,22 +88,28 @@ class MemoryPool:
             raise ConfigError(f"MemoryPool(limit_bytes={limit_bytes!r}) is invalid: give a byte count > 0")
         self.limit_bytes = limit_bytes
         self.name = name
-        self._blobs: dict[tuple[Owner, int], bytes] = {}
+        self._blobs: dict[tuple[Owner, int], Held] = {}
+        self._sizes: dict[tuple[Owner, int], int] = {}
         self._used = 0
 
     # -- store ----------------------------------------------------------------------------------------
 
-    def put(self, unit: Owner, step: int, blob: bytes | bytearray | memoryview) -> int:
-        """Hold a copy of ``blob``, the snapshot of ``unit`` after ``step`` steps; return its byte count.
+    def put(self, unit: Owner, step: int, blob: Snapshot | bytes | bytearray | memoryview) -> int:
+        """Hold ``blob``, the snapshot of ``unit`` after ``step`` steps; return its byte count.
 
         A blob already held under the same key is replaced. If the pool would pass its limit, ``unit``'s
         steps older than ``step`` are evicted first; ``PoolFullError`` if it still would not fit (then
         nothing is evicted).
         """
-        # A ``bytes`` argument of a Ray call is already this process's own copy; anything else (a view
-        # into memory someone else owns) is copied now.
-        data = blob if type(blob) is bytes else bytes(blob)
-        manifest_step = read_manifest(data, source=f"{self.name}: unit {unit} step {step}").step
+        if isinstance(blob, Snapshot):
+            data: Held = blob
+            manifest_step, size = blob.step, blob.nbytes
+        else:
+            # A ``bytes`` argument of a Ray call is already this process's own copy; anything else (a
+            # view into memory someone else owns) is copied now.
+            data = blob if type(blob) is bytes else bytes(blob)
+            manifest_step = read_manifest(data, source=f"{self.name}: unit {unit} step {step}").step
+            size = len(data)
         if manifest_step != step:
             raise ValueError(
                 f"{self.name}: put(unit={unit!r}, step={step}) got the snapshot of step {manifest_step}; "
@@ -102,34 +117,35 @@ class MemoryPool:
             )
         key = (unit, step)
         older = sorted(s for u, s in self._blobs if u == unit and s < step)
-        reclaimable = sum(len(self._blobs[(unit, s)]) for s in older)
-        free = self.limit_bytes - self._used + len(self._blobs.get(key, b""))
-        if len(data) > free + reclaimable:
+        reclaimable = sum(self._sizes[(unit, s)] for s in older)
+        free = self.limit_bytes - self._used + self._sizes.get(key, 0)
+        if size > free + reclaimable:
             raise PoolFullError(
                 f"{self.name} cannot hold the snapshot of unit {unit!r} at step {step}: it needs "
-                f"{_mb(len(data))} ({len(data)} bytes) but only {_mb(free + reclaimable)} would be free "
+                f"{_mb(size)} ({size} bytes) but only {_mb(free + reclaimable)} would be free "
                 f"of the {_mb(self.limit_bytes)} limit ({self.limit_bytes} bytes) even after evicting "
                 f"unit {unit!r}'s older steps {older}. Raise MemoryPool(limit_bytes=...), start more "
                 "pools, or drop_before() steps no recovery needs.",
                 pool=self.name,
                 unit=unit,
                 step=step,
-                needed=len(data),
+                needed=size,
                 free=free + reclaimable,
                 limit=self.limit_bytes,
             )
         for s in older:
-            if len(data) <= free:
+            if size <= free:
                 break
-            free += len(self._blobs[(unit, s)])
+            free += self._sizes[(unit, s)]
             self._forget((unit, s))
             logger.info("%s: evicted unit %r step %d to make room for step %d", self.name, unit, s, step)
         self._forget(key)
         self._blobs[key] = data
-        self._used += len(data)
-        return len(data)
+        self._sizes[key] = size
+        self._used += size
+        return size
 
-    def get(self, unit: Owner, step: int | None = None) -> bytes:
+    def get(self, unit: Owner, step: int | None = None) -> Held:
         """The blob of ``unit`` at ``step``, or its newest when ``step`` is None."""
         held = self.steps(unit)
         if step is None and held:
@@ -159,7 +175,7 @@ class MemoryPool:
         freed = 0
         for s in self.steps(unit):
             if s < step:
-                freed += len(self._blobs[(unit, s)])
+                freed += self._sizes[(unit, s)]
                 self._forget((unit, s))
         return freed
 
@@ -180,9 +196,8 @@ class MemoryPool:
         return self.name
 
     def _forget(self, key: tuple[Owner, int]) -> None:
-        blob = self._blobs.pop(key, None)
-        if blob is not None:
-            self._used -= len(blob)
+        if self._blobs.pop(key, None) is not None:
+            self._used -= self._sizes.pop(key)
 
 
 MemoryPoolActor = ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)(MemoryPool)

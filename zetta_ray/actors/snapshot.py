@@ -39,13 +39,20 @@ if TYPE_CHECKING:
 __all__ = ["restore_unit", "unit_snapshot"]
 
 
-def unit_snapshot(unit: ComputeUnit, step: int) -> Snapshot:
-    """The state of ``unit`` after ``step`` completed optimizer steps (copies: the unit may go on)."""
+def unit_snapshot(unit: ComputeUnit, step: int, *, copy: bool = True) -> Snapshot:
+    """The state of ``unit`` after ``step`` completed optimizer steps.
+
+    With ``copy`` (the default) the arrays are copies and the unit may go on. ``copy=False`` gives
+    views of the unit's live parameters and optimizer state, for a caller that copies them before the
+    unit changes them: a Ray call returning the snapshot does, since Ray writes a return value into the
+    object store before the actor runs its next call. That one copy is the trickle checkpoint's
+    staging copy.
+    """
     optimizer = unit.optimizer
     return Snapshot(
         step=step,
-        tensors=unit.state_dict(),
-        optimizer=unit.optimizer_state_dict(),
+        tensors=unit.state_dict(copy=copy),
+        optimizer=unit.optimizer_state_dict(copy=copy),
         rng={"torch": torch.get_rng_state().numpy().copy()},
         mesh={"unit": unit.unit_id, "experts": [list(k) for k in sorted(unit.experts)]},
         extra={

@@ -25,14 +25,15 @@ def from_wire(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a)
 
 
-def tree_to_wire(obj: Any) -> Any:
-    """A nested state (an optimizer's ``state_dict()``) with every tensor copied to a numpy array."""
+def tree_to_wire(obj: Any, copy: bool = True) -> Any:
+    """A nested state (an optimizer's ``state_dict()``) with every tensor as a numpy array: a copy, or
+    with ``copy=False`` a view of the tensor."""
     if isinstance(obj, torch.Tensor):
-        return to_wire(obj.clone())
+        return to_wire(obj.clone() if copy else obj)
     if isinstance(obj, dict):
-        return {k: tree_to_wire(v) for k, v in obj.items()}
+        return {k: tree_to_wire(v, copy) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(tree_to_wire(v) for v in obj)
+        return type(obj)(tree_to_wire(v, copy) for v in obj)
     return obj
 
 

@@ -92,6 +92,21 @@ class Snapshot:
                 "(convert torch tensors with .detach().cpu().numpy())"
             )
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every array in the snapshot (its tensors and the arrays in its trees)."""
+        return sum(_tree_nbytes(getattr(self, name)) for name in _FIELDS)
+
+
+def _tree_nbytes(node: Any) -> int:
+    if isinstance(node, np.ndarray):
+        return node.nbytes
+    if isinstance(node, Mapping):
+        return sum(_tree_nbytes(v) for v in node.values())
+    if isinstance(node, (list, tuple)):
+        return sum(_tree_nbytes(v) for v in node)
+    return 0
+
 
 @dataclass(frozen=True, slots=True)
 class TensorEntry:

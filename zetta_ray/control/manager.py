@@ -141,7 +141,7 @@ class FaultManager:
         round_ = _SnapshotRound(step)
         now = time.monotonic()
         for u, unit in enumerate(runtime.units):
-            blob = unit.snapshot.remote(step)  # owned here: it outlives the unit until the pools copy it
+            blob = unit.snapshot.remote(step, False)  # owned here; the unit writes it once, pools hold it
             targets = self._replica_targets(u)
             round_.waiting[u] = len(targets)
             for pool, node in targets:
