@@ -32,8 +32,6 @@ from typing import Any
 import torch
 
 import zetta_ray as zr
-from zetta_ray.actors.wire import tree_from_wire, tree_to_wire
-from zetta_ray.checkpoint import AsyncFlusher, DurableStore, Snapshot
 from zetta_ray.config import MoEConfig, RuntimeConfig, TrainConfig
 from zetta_ray.data import Corpus, CorpusSpec, LoaderState, TokenLoader, ensure_corpus
 
@@ -138,18 +136,25 @@ def train(
     model = zr.MoETransformer(model_cfg)
     degree = train_cfg.expert_degree
     say(f"starting {degree} compute units for {model_cfg.n_layers} x {model_cfg.n_experts} experts")
+    durable = train_cfg.checkpoint_dir is not None
+    if resume and not durable:
+        raise zr.errors.ConfigError("--resume needs --checkpoint-dir (TrainConfig.checkpoint_dir)")
+    checkpoint = (
+        zr.TrickleCheckpoint(durable_uri=train_cfg.checkpoint_dir, durable_every=train_cfg.checkpoint_every)
+        if durable
+        else None
+    )
     with zr.mesh(expert=degree):
-        dmodel = zr.parallelize(model, zr.ExpertParallel(degree=degree), runtime=runtime_cfg)
-    store = DurableStore(train_cfg.checkpoint_dir) if train_cfg.checkpoint_dir else None
-    flusher = AsyncFlusher() if store is not None else None
+        dmodel = zr.parallelize(
+            model, zr.ExpertParallel(degree=degree), runtime=runtime_cfg, checkpoint=checkpoint
+        )
+    dmodel.track_data_position(lambda: loader.state().to_dict())
     resumed_from = None
     try:
         opt = dmodel.optimizer(torch.optim.AdamW, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
         first = 0
         if resume:
-            if store is None:
-                raise zr.errors.ConfigError("--resume needs --checkpoint-dir (TrainConfig.checkpoint_dir)")
-            first = resumed_from = _resume(store, dmodel, opt, loader, say)
+            first = resumed_from = _resume(dmodel, loader, say)
         metrics = []
         tokens_per_step = train_cfg.batch_size * model_cfg.seq_len
         phase = chaos or (lambda _dm, _step, _phase: None)
@@ -173,18 +178,12 @@ def train(
             metrics.append(m)
             if on_step is not None:
                 on_step(m)
-            done = step + 1
-            if flusher is not None and (done % train_cfg.checkpoint_every == 0 or done == train_cfg.steps):
-                snap = _durable_snapshot(dmodel, opt, loader, done, degree)
-                flusher.submit(lambda s=snap: store.write(s.step, {"model": s}), label=f"step {done}")
+        if durable:
+            dmodel.checkpoint()  # the last step too (a no-op if the schedule wrote it)
         state = dmodel.state_dict()
         val_loss = _validate(dmodel, corpus, model_cfg, train_cfg, val_batches)
         recoveries = [asdict(r) for r in dmodel.recoveries]
-        if flusher is not None:
-            flusher.flush(timeout=runtime_cfg.deadline_s)
     finally:
-        if flusher is not None:
-            flusher.close(timeout=runtime_cfg.deadline_s)
         dmodel.close()
     return TrainResult(
         steps=metrics,
@@ -208,38 +207,14 @@ def state_sha256(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _durable_snapshot(
-    dmodel: zr.DistributedModule, opt: zr.DistributedOptimizer, loader: TokenLoader, step: int, degree: int
-) -> Snapshot:
-    """Everything a restarted controller needs: the whole model, both optimizers, the data position."""
-    return Snapshot(
-        step=step,
-        tensors={k: v.detach().numpy().copy() for k, v in dmodel.state_dict().items()},
-        optimizer=tree_to_wire(opt.state_dict()),
-        data_position=loader.state().to_dict(),
-        mesh={"expert_degree": degree},
-    )
-
-
-def _resume(
-    store: DurableStore,
-    dmodel: zr.DistributedModule,
-    opt: zr.DistributedOptimizer,
-    loader: TokenLoader,
-    say: Callable[[str], None],
-) -> int:
-    info = store.latest()
+def _resume(dmodel: zr.DistributedModule, loader: TokenLoader, say: Callable[[str], None]) -> int:
+    info = dmodel.load_checkpoint()
     if info is None:
-        say(f"no checkpoint in {store.uri}: starting at step 0")
+        say("no durable checkpoint yet: starting at step 0")
         return 0
-    snap = store.load(info, "model")
-    dmodel.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in snap.tensors.items()})
-    opt.load_state_dict(
-        {"dense": tree_from_wire(snap.optimizer["dense"]), "experts": snap.optimizer["experts"]}
-    )
-    loader.load_state(LoaderState.from_dict(snap.data_position))
-    say(f"resumed from the checkpoint of step {snap.step} ({info.path})")
-    return snap.step
+    loader.load_state(LoaderState.from_dict(info.meta["data_position"]))
+    say(f"resumed from the checkpoint of step {info.step} ({info.path})")
+    return info.step
 
 
 def _validate(

@@ -102,7 +102,7 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous(setup):
     args = _cli(address, root, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "5")
     _run(args)
     assert _complete_steps(ckpt) == [5, 10]
-    part = ckpt / "step-000000010" / "model.safetensors"
+    part = ckpt / "step-000000010" / "unit-0001.safetensors"  # expert state that came from a pool
     data = bytearray(part.read_bytes())
     data[-1] ^= 0xFF  # one flipped bit in the newest checkpoint
     part.write_bytes(bytes(data))
@@ -110,7 +110,7 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous(setup):
     fallback = json.loads((root / "fallback.json").read_text())
     assert fallback["resumed_from"] == 5  # the corrupted step-10 checkpoint was refused
     assert len(fallback["steps"]) == 5
-    assert "model.safetensors" in done.stderr  # the bad file is named
+    assert "unit-0001.safetensors" in done.stderr  # the bad file is named
 
 
 def test_chaos_command_reports_faults_recoveries_and_identity(setup, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,9 +20,15 @@ class DistributedOptimizer:
     unit except through ``state_dict()``.
     """
 
-    def __init__(self, local: torch.optim.Optimizer, runtime: ExpertRuntime):
+    def __init__(
+        self,
+        local: torch.optim.Optimizer,
+        runtime: ExpertRuntime,
+        after_step: Callable[[], None] | None = None,
+    ):
         self.local = local
         self._runtime = runtime
+        self._after_step = after_step  # the module's durable checkpoint hook
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -34,6 +41,8 @@ class DistributedOptimizer:
     def step(self) -> None:
         self._runtime.step_experts()
         self.local.step()
+        if self._after_step is not None:
+            self._after_step()
 
     def state_dict(self) -> dict[str, Any]:
         """``{"dense": <torch optimizer state>, "experts": [<state of unit 0>, ...]}`` (numpy tensors)."""

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from zetta_ray.actors.wire import to_wire
+from zetta_ray.actors.wire import to_wire, tree_from_wire, tree_to_wire
 from zetta_ray.api.cluster import init
 from zetta_ray.api.mesh import ExpertParallel, Mesh, current_mesh
 from zetta_ray.api.optim import DistributedOptimizer
-from zetta_ray.checkpoint import TrickleCheckpoint
+from zetta_ray.checkpoint import CheckpointInfo, DurableStore, Snapshot, TrickleCheckpoint
 from zetta_ray.config import RuntimeConfig
+from zetta_ray.control.durable import DENSE_PART, unit_part
 from zetta_ray.control.manager import FaultManager, RecoveryEvent
 from zetta_ray.errors import ConfigError, UnsupportedError
 from zetta_ray.experts.moe import MoELayer
@@ -72,6 +73,8 @@ class DistributedModule:
         self._slice = reserve_slice(request, _workload([layer for _, layer in layers]), placer)
         self._runtime: ExpertRuntime | None = None
         self._faults: FaultManager | None = None
+        self._optimizer: DistributedOptimizer | None = None
+        self._data_position: Callable[[], dict[str, Any]] | None = None
         try:
             layout = Layout(request.units, self._slice.plan.unit_LE)
             options = [self._slice.actor_options(b) for b in self._slice.units]
@@ -129,7 +132,97 @@ class DistributedModule:
         self._runtime.set_optimizer(optimizer_cls, kwargs)
         if self._faults is not None:
             self._faults.snapshot(self._runtime, wait=True)  # step 0 again, now with the optimizer
-        return DistributedOptimizer(optimizer_cls(self.module.parameters(), **kwargs), self._runtime)
+        local = optimizer_cls(self.module.parameters(), **kwargs)
+        self._optimizer = DistributedOptimizer(local, self._runtime, after_step=self._after_step)
+        return self._optimizer
+
+    # -- durable checkpoints (TrickleCheckpoint.durable_uri; control/durable.py) ------------------------
+
+    def track_data_position(self, position: Callable[[], dict[str, Any]]) -> None:
+        """Store ``position()`` (the data loader's position, a small dict) in every durable checkpoint,
+        taken right after the optimizer step it belongs to; ``load_checkpoint`` gives it back."""
+        self._data_position = position
+
+    def checkpoint(self) -> int | None:
+        """Write a durable checkpoint of the current step now and wait until it and every scheduled one
+        are complete; return its step (``None`` if this step has one already, or no step was taken).
+        Needs ``durable_uri``."""
+        durable = self._durable()
+        due = self._optimizer is not None and durable.due(self.step, force=True)
+        if due:
+            self._faults.stage_durable(self._runtime, self._dense_snapshot())
+        self._faults.finish_durable()
+        return self.step if due else None
+
+    def load_checkpoint(self, uri: str | None = None) -> CheckpointInfo | None:
+        """Continue from the newest durable checkpoint under ``uri`` (default: ``durable_uri``) that
+        verifies: every unit, the dense parameters, both optimizers and the RNG go back to its step.
+
+        Call it after ``optimizer()``. Returns the checkpoint (its ``meta["data_position"]`` is what
+        ``track_data_position`` recorded), or ``None`` if there is none; a corrupted newest checkpoint
+        is reported by file name and the previous one is used.
+        """
+        self._check_open()
+        if self._optimizer is None:
+            raise RuntimeError("call load_checkpoint() after optimizer(): it restores optimizer state too")
+        if uri is not None:
+            store = DurableStore(uri)
+        elif self._faults is not None and self._faults.durable is not None:
+            store = self._faults.durable.store
+        else:
+            raise ConfigError(
+                "load_checkpoint() needs a checkpoint location: pass uri=..., or parallelize with "
+                "checkpoint=zr.TrickleCheckpoint(durable_uri=...)"
+            )
+        info = store.latest()
+        if info is None:
+            return None
+        dense = store.load(info, DENSE_PART)
+        if dense.mesh.get("unit_LE") != self._layout_lists():
+            raise ConfigError(
+                f"the checkpoint of step {info.step} in {store.uri} was written by a module with expert "
+                f"layout {dense.mesh.get('unit_LE')} (unit of each expert, per layer); this module has "
+                f"{self._layout_lists()}. Resume with the same model, ExpertParallel "
+                "degree and placement"
+            )
+        units = [store.load(info, unit_part(u)) for u in range(len(self._runtime.units))]
+        self._runtime.restore(units, info.step, int(dense.extra["grad_epoch"]))
+        self.module.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in dense.tensors.items()})
+        self._optimizer.local.load_state_dict(tree_from_wire(dense.optimizer))
+        torch.set_rng_state(torch.from_numpy(dense.rng["torch"].copy()))
+        if self._faults is not None:
+            self._faults.restarted_at(self._runtime)
+        return info
+
+    def _layout_lists(self) -> list[list[int]]:
+        return [list(units) for units in self._runtime.layout.unit_LE]
+
+    def _durable(self) -> Any:
+        self._check_open()
+        if self._faults is None or self._faults.durable is None:
+            raise ConfigError(
+                "durable checkpoints are off: parallelize with "
+                "checkpoint=zr.TrickleCheckpoint(durable_uri=...)"
+            )
+        return self._faults.durable
+
+    def _after_step(self) -> None:
+        """After each optimizer step: stage a durable checkpoint when the schedule says so."""
+        faults = self._faults
+        if faults is not None and faults.durable is not None and faults.durable.due(self.step):
+            faults.stage_durable(self._runtime, self._dense_snapshot())
+
+    def _dense_snapshot(self) -> Snapshot:
+        """A copy of what lives here: dense parameters, their optimizer, RNG, data position, mesh."""
+        return Snapshot(
+            step=self.step,
+            tensors={k: v.detach().numpy().copy() for k, v in self.module.state_dict().items()},
+            optimizer=tree_to_wire(self._optimizer.local.state_dict()),
+            rng={"torch": torch.get_rng_state().numpy().copy()},
+            data_position=self._data_position() if self._data_position is not None else {},
+            mesh={"expert_degree": self.strategy.degree, "unit_LE": self._layout_lists()},
+            extra={"grad_epoch": self._runtime.grad_epoch},
+        )
 
     # -- state ----------------------------------------------------------------------------------------
 
@@ -180,10 +273,12 @@ class DistributedModule:
 
     def _release(self) -> None:
         try:
-            if self._runtime is not None:
-                self._runtime.close()
-            if self._faults is not None:
-                self._faults.close()
+            try:
+                if self._faults is not None:  # first: a durable write in flight still needs the units
+                    self._faults.close()
+            finally:
+                if self._runtime is not None:
+                    self._runtime.close()
         finally:
             self._slice.remove()
 

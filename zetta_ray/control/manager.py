@@ -28,6 +28,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from zetta_ray.actors.memory_pool import MemoryPoolActor, PoolFullError
 from zetta_ray.checkpoint import TrickleCheckpoint
+from zetta_ray.control.durable import DurableCheckpointer
 from zetta_ray.control.faults import fault_from_error
 from zetta_ray.control.recovery import RecoveryAction, Replica, Spare, decide_recovery
 from zetta_ray.control.replay import ReplayLog
@@ -105,6 +106,10 @@ class FaultManager:
         self._puts: list[_Put] = []
         self._rounds: list[_SnapshotRound] = []
         self._targets: dict[tuple[Any, ...], tuple[tuple[str, str], ...]] = {}
+        self.committed_step = -1  # the newest step whose snapshots are stored on all their replicas
+        self.durable = (
+            DurableCheckpointer(config, deadline_s=deadline_s) if config.durable_uri is not None else None
+        )
         for node in sorted({n["NodeID"] for n in ray.nodes() if n["Alive"]}):
             self._start_pool(node, pool_limit_bytes)
         try:  # pools start while the units do; a unit lost before its first snapshot is unrecoverable
@@ -241,6 +246,13 @@ class FaultManager:
         """Drop what the snapshots of ``step`` make unnecessary: older journal calls and older copies
         (only in the pools that hold them)."""
         self.log.commit(step)
+        self.committed_step = max(self.committed_step, step)
+        if self.durable is not None and self.durable.wants(step):
+            fetch = {  # sent now, so that the drop_before calls below cannot overtake them
+                u: [self.pools[r.pool].get.remote(u, step) for r in replicas if r.step == step]
+                for u, replicas in self.acked.items()
+            }
+            self.durable.commit(step, fetch)
         stale = set()
         for u, replicas in self.acked.items():
             stale |= {(r.pool, u) for r in replicas if r.step < step and r.pool not in self.dead_pools}
@@ -342,7 +354,53 @@ class FaultManager:
         strategy = NodeAffinitySchedulingStrategy(decision.node, soft=False)
         return runtime.start_unit(u, num_cpus=0, resources=None, scheduling_strategy=strategy), decision.node
 
+    # -- durable checkpoints (control/durable.py) --------------------------------------------------------
+
+    def stage_durable(self, runtime: Any, dense: Any) -> None:
+        """Write a durable checkpoint of the current step with ``dense`` (the controller's part) once the
+        units' snapshots of this step are stored (snapshotting now if this step has none)."""
+        step = runtime.step
+        self.durable.stage(step, dense)
+        if step <= self.committed_step:  # its snapshots landed already
+            self._commit(step)
+        elif step % self.config.every:
+            self.snapshot(runtime)
+
+    def finish_durable(self) -> None:
+        """Wait until every staged durable checkpoint is written; raise if one could not be."""
+        deadline = time.monotonic() + self.deadline_s
+        while self.durable.staged and self._puts and time.monotonic() < deadline:
+            self._collect(wait_s=0.05)
+        if self.durable.staged:
+            steps = [s.step for s in self.durable.staged]
+            raise RecoveryFailed(
+                f"the snapshots of step(s) {steps} were not stored within {self.deadline_s:g} s, so their "
+                "durable checkpoints could not be written; check the MemoryPool actors"
+            )
+        self.durable.flush()
+
+    def restarted_at(self, runtime: Any) -> None:
+        """The units were restored to ``runtime.step`` from a durable checkpoint: snapshot that state
+        (recovery restores from it) and count the durable schedule from there."""
+        self.snapshot(runtime, wait=True)
+        if self.durable is not None:
+            self.durable.restart_at(runtime.step)
+
     def close(self) -> None:
+        try:
+            if self.durable is not None:  # staged checkpoints need the pools: finish them first
+                try:
+                    self.finish_durable()
+                except ZettaError as e:
+                    logger.error("closing with durable checkpoints unwritten: %s", e)
+                try:
+                    self.durable.close()
+                except ZettaError as e:
+                    logger.error("a durable checkpoint write failed: %s", e)
+        finally:
+            self._kill_pools()
+
+    def _kill_pools(self) -> None:
         for handle in self.pools.values():
             ray.kill(handle, no_restart=True)
         self.pools.clear()

@@ -294,6 +294,27 @@ class ExpertRuntime:
         ]
         self._gather(calls)
 
+    def restore(self, snapshots: list[Any], step: int, grad_epoch: int) -> None:
+        """Load unit ``u``'s ``snapshots[u]`` (a ``checkpoint.Snapshot`` from a durable checkpoint) into
+        every unit and count on from ``step`` optimizer steps and ``grad_epoch`` zero_grads."""
+        if len(snapshots) != len(self.units):
+            raise ValueError(
+                f"the checkpoint holds {len(snapshots)} unit parts but this module runs {len(self.units)} "
+                "units; load it into a module parallelized with the same expert degree"
+            )
+        calls = [
+            self._submit(u, "restore", (snap,), "control", self.layout.experts_of(u))
+            for u, snap in enumerate(snapshots)
+        ]
+        self._gather(calls)
+        self.step, self._grad_epoch = step, grad_epoch
+        self._micro_batch.clear()
+
+    @property
+    def grad_epoch(self) -> int:
+        """How many ``zero_grad`` the controller has issued (units zero their gradients lazily)."""
+        return self._grad_epoch
+
     def ping(self) -> list[dict[str, Any]]:
         return self._gather(self._each("ping", "control"))
 
