@@ -283,32 +283,27 @@ class ExpertRuntime:
         return self._gather(self._each("optimizer_state_dict", "control"))
 
     def load_optimizer_state_dict(self, states: list[dict[str, Any]]) -> None:
-        if len(states) != len(self.units):
-            raise ValueError(
-                f"optimizer state has {len(states)} unit entries but this module runs {len(self.units)} "
-                "units; load it into a module parallelized with the same expert degree"
-            )
-        calls = [
-            self._submit(u, "load_optimizer_state_dict", (s,), "control", self.layout.experts_of(u))
-            for u, s in enumerate(states)
-        ]
-        self._gather(calls)
+        self._load_each("load_optimizer_state_dict", states, "optimizer state has")
 
     def restore(self, snapshots: list[Any], step: int, grad_epoch: int) -> None:
         """Load unit ``u``'s ``snapshots[u]`` (a ``checkpoint.Snapshot`` from a durable checkpoint) into
         every unit and count on from ``step`` optimizer steps and ``grad_epoch`` zero_grads."""
-        if len(snapshots) != len(self.units):
-            raise ValueError(
-                f"the checkpoint holds {len(snapshots)} unit parts but this module runs {len(self.units)} "
-                "units; load it into a module parallelized with the same expert degree"
-            )
-        calls = [
-            self._submit(u, "restore", (snap,), "control", self.layout.experts_of(u))
-            for u, snap in enumerate(snapshots)
-        ]
-        self._gather(calls)
+        self._load_each("restore", snapshots, "the checkpoint holds")
         self.step, self._grad_epoch = step, grad_epoch
         self._micro_batch.clear()
+
+    def _load_each(self, method: str, per_unit: list[Any], what: str) -> None:
+        """Call ``method(per_unit[u])`` on every unit ``u`` and wait."""
+        if len(per_unit) != len(self.units):
+            raise ValueError(
+                f"{what} {len(per_unit)} unit entries but this module runs {len(self.units)} units; load "
+                "it into a module parallelized with the same expert degree"
+            )
+        calls = [
+            self._submit(u, method, (item,), "control", self.layout.experts_of(u))
+            for u, item in enumerate(per_unit)
+        ]
+        self._gather(calls)
 
     @property
     def grad_epoch(self) -> int:
