@@ -87,8 +87,14 @@ def _take(t: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
     return torch.cat([t[lo:hi] for lo, hi in segments])
 
 
-def _scatter(outs: list[Any], calls: list[_Call], like: torch.Tensor) -> torch.Tensor:
-    """Put each call's output rows back at its segments."""
+def _scatter(outs: list[Any], calls: list[_Call], like: torch.Tensor, writable: bool = True) -> torch.Tensor:
+    """Put each call's output rows back at its segments.
+
+    Unless ``writable``: when one call carried every row in order, its output is returned as it came,
+    read-only memory of the object store (expert outputs, which the MoE layer's combine and its backward
+    only read; never gradients, into which autograd may accumulate in place)."""
+    if not writable and len(calls) == 1 and calls[0].segments == [(0, like.shape[0])]:
+        return from_wire(outs[0])
     out = torch.empty_like(like)  # every row belongs to exactly one call
     for o, c in zip(outs, calls, strict=True):
         rows, pos = from_wire(o), 0
@@ -213,13 +219,17 @@ class ExpertRuntime:
                 key,
                 experts,
                 [counts_E[e] for e in experts],
-                self._rows(_take(x, segments)),
+                self._rows(_take(x, segments), journaled=keep),
                 keep,
                 self._grad_epoch,
                 input_grad,
             )
-            calls.append(self._submit(u, "forward", args, "forward", [(layer, e) for e in experts], segments))
-        return _scatter(self._gather(calls), calls, x), Ticket(key, calls, input_grad)
+            calls.append(
+                self._submit(
+                    u, "forward", args, "forward", [(layer, e) for e in experts], segments, journaled=keep
+                )
+            )
+        return _scatter(self._gather(calls), calls, x, writable=False), Ticket(key, calls, input_grad)
 
     def backward(self, ticket: Ticket, dy_ND: torch.Tensor) -> torch.Tensor | None:
         step = ticket.key[0]
@@ -326,10 +336,11 @@ class ExpertRuntime:
             self._submit(u, method, args, phase, self.layout.experts_of(u)) for u in range(len(self.units))
         ]
 
-    def _rows(self, t: torch.Tensor) -> Any:
-        """Rows for the wire. With a journal they go into the object store first, so the journal holds a
-        reference (replay needs them; Ray frees an object with its last reference) at no extra copy."""
-        return ray.put(to_wire(t)) if self.journal is not None else to_wire(t)
+    def _rows(self, t: torch.Tensor, journaled: bool = True) -> Any:
+        """Rows for the wire. When the call is journaled they go into the object store first, so the
+        journal holds a reference (replay needs them; Ray frees an object with its last reference) at no
+        extra copy."""
+        return ray.put(to_wire(t)) if journaled and self.journal is not None else to_wire(t)
 
     def _submit(
         self,
@@ -339,9 +350,12 @@ class ExpertRuntime:
         phase: str,
         experts: list[tuple[int, int]],
         segments: list[tuple[int, int]] | None = None,
+        journaled: bool = True,
     ) -> _Call:
+        """Send one call; journal it first when it changes the unit's state (``journaled=False``: a
+        forward that keeps nothing, e.g. evaluation under ``torch.no_grad()``)."""
         logged = None
-        if self.journal is not None and method in _JOURNALED:
+        if journaled and self.journal is not None and method in _JOURNALED:
             logged = self.journal.record(u, method, self.step, args)
         ref = getattr(self.units[u], method).remote(*args)
         return _Call(ref, u, experts, self.step, phase, segments or [], method, args, logged)
