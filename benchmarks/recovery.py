@@ -2,12 +2,14 @@
 
 1. Overhead: the same MoE training step with a snapshot of every unit after every step
    (``TrickleCheckpoint(every=1)``) against none (``checkpoint=False``), same run, interleaved rounds,
-   median after warm-up; the ratio is the overhead (target <= 1.03 at d_model=512).
+   median after warm-up; the ratio is the overhead (target <= 1.03 at d_model=512). A snapshot costs
+   about the same at any batch size (it copies the units' state), while a step's work grows with its
+   tokens, so the overhead is reported at several batch sizes (``--batches``).
 2. Recovery: a unit actor is killed at a step; the time from the kill to the end of the next completed
    step, p50 and p95 over ``--kills`` kills (target <= 5 s), and the steps redone (snapshot step vs the
    step in progress; target 0, never more than 1).
 
-    python benchmarks/recovery.py [--steps 6] [--rounds 2] [--kills 5]
+    python benchmarks/recovery.py [--steps 6] [--rounds 2] [--kills 5] [--batches 8 64]
 """
 
 from __future__ import annotations
@@ -49,9 +51,9 @@ def _step(dm, opt, x, y) -> float:
     return time.perf_counter() - start
 
 
-def overhead(d_model: int, steps: int, warmup: int, rounds: int) -> dict:
+def overhead(d_model: int, steps: int, warmup: int, rounds: int, batch_size: int = 8) -> dict:
     g = torch.Generator().manual_seed(0)
-    batch = torch.randint(0, 256, (8, 129), generator=g)
+    batch = torch.randint(0, 256, (batch_size, 129), generator=g)
     x, y = batch[:, :-1], batch[:, 1:]
     runs = {}
     half = zr.SliceRequest(units=4, unit_cpus=0.25)  # both modules live at once on a 2-CPU machine
@@ -73,6 +75,7 @@ def overhead(d_model: int, steps: int, warmup: int, rounds: int) -> dict:
         "benchmark": "snapshot_overhead",
         "d_model": d_model,
         "units": 4,
+        "tokens_per_step": batch_size * 128,
         "steps_measured": len(runs["none"]),
         "no_snapshot_median_s": round(none, 4),
         "snapshot_every_step_median_s": round(every, 4),
@@ -117,11 +120,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--kills", type=int, default=5)
+    parser.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=[8, 64],
+        help="batch sizes (sequences of 128 tokens) for the d_model=512 overhead runs",
+    )
     args = parser.parse_args()
     zr.init()
     torch.set_num_threads(2)
-    for d_model in (512, 256):
-        print(json.dumps(overhead(d_model, args.steps, args.warmup, args.rounds)), flush=True)
+    for batch_size in args.batches:
+        print(json.dumps(overhead(512, args.steps, args.warmup, args.rounds, batch_size)), flush=True)
+    print(json.dumps(overhead(256, args.steps, args.warmup, args.rounds)), flush=True)
     print(json.dumps(recovery(args.kills)), flush=True)
 
 

@@ -2,8 +2,10 @@
 
 Same machine, same run, same data: 8 experts, top-2, 4096 tokens per step, AdamW. Plain PyTorch uses
 ``--threads`` torch threads (2 = all cores here); zetta_ray runs each expert in its own ComputeUnit actor
-with one thread. Prints one JSON object per model size with the median step times after warm-up and
-their ratio (zetta_ray / plain; lower is better, 1.0 means no overhead).
+with one thread, twice: the runtime alone (``checkpoint=False``; ``ratio``) and with the default
+per-step trickle snapshots (``ratio_with_snapshots``; their own cost is benchmarks/recovery.py's
+subject). Prints one JSON object per model size with the median step times after warm-up and the
+ratios (zetta_ray / plain; lower is better, 1.0 means no overhead).
 
     python benchmarks/step_time.py [--steps 7] [--warmup 2] [--rounds 2]
 """
@@ -51,18 +53,28 @@ def measure(d_model: int, d_ff: int, steps: int, warmup: int, rounds: int, threa
     x = torch.randn(1, TOKENS, d_model)
     plain = OneMoELayer(d_model, d_ff)
     plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-3)
-    torch.manual_seed(0)
-    dmodel = zr.parallelize(OneMoELayer(d_model, d_ff), zr.ExpertParallel(degree=N_EXPERTS))
-    plain_times, zr_times = [], []
+    modules = {}
+    share = zr.SliceRequest(units=N_EXPERTS, unit_cpus=0.125)  # both modules live at once on 2 CPUs
     try:
-        dopt = dmodel.optimizer(torch.optim.AdamW, lr=1e-3)
-        for _ in range(rounds):  # interleave, so drift on a shared machine hits both sides alike
+        for name, checkpoint in (("runtime_only", False), ("with_snapshots", None)):
+            torch.manual_seed(0)
+            dmodel = zr.parallelize(
+                OneMoELayer(d_model, d_ff),
+                zr.ExpertParallel(degree=N_EXPERTS),
+                slice=share,
+                checkpoint=checkpoint,
+            )
+            modules[name] = (dmodel, dmodel.optimizer(torch.optim.AdamW, lr=1e-3))
+        times: dict[str, list[float]] = {"plain": [], **{name: [] for name in modules}}
+        for _ in range(rounds):  # interleave, so drift on a shared machine hits every side alike
             torch.set_num_threads(threads)
-            plain_times += _time_steps(plain, plain_opt, x, warmup + steps)[warmup:]
-            zr_times += _time_steps(dmodel, dopt, x, warmup + steps)[warmup:]
+            times["plain"] += _time_steps(plain, plain_opt, x, warmup + steps)[warmup:]
+            for name, (dmodel, dopt) in modules.items():
+                times[name] += _time_steps(dmodel, dopt, x, warmup + steps)[warmup:]
     finally:
-        dmodel.close()
-    p, z = statistics.median(plain_times), statistics.median(zr_times)
+        for dmodel, _ in modules.values():
+            dmodel.close()
+    med = {name: statistics.median(t) for name, t in times.items()}
     return {
         "benchmark": "step_time",
         "d_model": d_model,
@@ -71,10 +83,12 @@ def measure(d_model: int, d_ff: int, steps: int, warmup: int, rounds: int, threa
         "top_k": TOP_K,
         "tokens_per_step": TOKENS,
         "plain_threads": threads,
-        "steps_measured": len(zr_times),
-        "plain_median_s": round(p, 4),
-        "zetta_ray_median_s": round(z, 4),
-        "ratio": round(z / p, 3),
+        "steps_measured": len(times["plain"]),
+        "plain_median_s": round(med["plain"], 4),
+        "zetta_ray_median_s": round(med["runtime_only"], 4),
+        "ratio": round(med["runtime_only"] / med["plain"], 3),
+        "zetta_ray_with_snapshots_median_s": round(med["with_snapshots"], 4),
+        "ratio_with_snapshots": round(med["with_snapshots"] / med["plain"], 3),
     }
 
 
