@@ -4,6 +4,8 @@
     zetta-ray plan [--topology FILE | --address ADDR] [--config FILE.toml] [--tokens-per-step N]
                    [--zipf EXPONENT] [--replicas R] [--dense-units D] [--seed S] [--limit N] [--json PATH]
     zetta-ray simulate SPEC.toml [--json]
+    zetta-ray chaos [--config FILE.toml] [--kill TARGET:STEP[:PHASE[:INDEX]]]... [--rate R]
+                    [--nodes N | --address ADDR] [--json PATH]
 
 ``train`` runs ``zetta_ray.trainer.train``: an MoE transformer on the byte-level standard-library corpus,
 with a progress bar on stderr and a one-line summary on stdout. Settings come from the dataclass
@@ -14,7 +16,9 @@ defaults, then the TOML file (tables ``[model]``, ``[train]``, ``[runtime]`` map
 ``plan`` places the experts of the ``[model]`` in ``--config`` with ``zetta_ray.placement.place`` on a
 synthetic machine (``--topology FILE``, no cluster needed) or on the live Ray cluster, and prints the
 plan as a table; ``--json PATH`` writes all of it. ``simulate`` runs ``zetta_ray.sim`` on a spec file
-(see docs/simulator.md).
+(see docs/simulator.md). ``chaos`` runs the train job without and with injected faults (units, memory
+pools or nodes killed) and reports the recoveries and whether the final state is bit-identical
+(docs/recovery.md).
 
 Errors that zetta_ray raises on purpose (``ZettaError``, including ``ConfigError``) end the command with a
 one-line message and exit status 2 (configuration) or 1 (anything else), never a traceback.
@@ -25,10 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import time
 import types
 import typing
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +45,7 @@ import ray
 from tqdm import tqdm
 
 import zetta_ray as zr
-from zetta_ray.chaos import Chaos, parse_kill
+from zetta_ray.chaos import Chaos, ClusterNodeKiller, Kill, RayletKiller, local_cluster, parse_kill
 from zetta_ray.config import MoEConfig, RuntimeConfig, TrainConfig, from_mapping
 from zetta_ray.errors import ConfigError, ZettaError
 from zetta_ray.placement import (
@@ -201,32 +208,87 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 # -- chaos ------------------------------------------------------------------------------------------------
 
 
+def _node_killer(
+    args: argparse.Namespace, kills: list[Kill], targets: list[str], stack: ExitStack, degree: int
+) -> tuple[str | None, Any, str]:
+    """Where the chaos runs (an address for ``train``), what kills a node, and a label for the report.
+
+    ``--nodes N`` starts a local multi-node cluster and removes its nodes; ``--address`` (or
+    ``RAY_ADDRESS``) joins a cluster and SIGKILLs a node's raylet; a node kill on an embedded single-node
+    cluster is refused."""
+    wants_nodes = any(k.target == "node" for k in kills) or ("node" in targets and args.rate > 0)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if args.nodes is not None:  # argparse keeps --nodes and --address apart
+        if args.nodes < 1:
+            raise ConfigError(f"--nodes {args.nodes} is invalid: give the number of worker nodes, >= 1")
+        per = math.ceil(degree / args.nodes)  # every unit fits on the workers, none on the head
+        cluster = stack.enter_context(local_cluster(args.nodes, units={"npu": per}, cpus_per_worker=per))
+        setting = f"a local cluster: a head node (the driver), {args.nodes} worker node(s) of {per} npu each"
+        return cluster.address, ClusterNodeKiller(cluster), setting
+    if not wants_nodes:
+        return args.address, None, f"the cluster at {address}" if address else "an embedded local cluster"
+    if not address and not ray.is_initialized():
+        raise ConfigError(
+            "a node kill needs several nodes, but without --address this runs on an embedded single-node "
+            "cluster; add --nodes N to start a local cluster of N worker nodes, or --address ADDR to "
+            "join a multi-node cluster"
+        )
+    zr.init(args.address)
+    where = ray.get_runtime_context().gcs_address
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    if len(alive) < 2:
+        raise ConfigError(
+            f"a node kill needs a node other than the driver's, but the cluster at {where} has "
+            f"{len(alive)} live node; add nodes, or use --nodes N for a local multi-node cluster"
+        )
+    return args.address, RayletKiller(), f"the cluster at {where} ({len(alive)} live nodes)"
+
+
+def _kill_to_next_step(injected_at: list[float], step_ends: list[float]) -> list[float | None]:
+    """For each fault: seconds from its injection to the end of the next completed step."""
+    return [next((round(t - at, 3) for t in step_ends if t > at), None) for at in injected_at]
+
+
 def _cmd_chaos(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, steps=args.steps, seed=args.seed, data_dir=args.data_dir)
     kills = [parse_kill(k) for k in args.kill or []]
     if not kills and not args.rate:
         raise ConfigError("zetta-ray chaos needs faults: --kill TARGET:STEP[:PHASE[:INDEX]] or --rate R")
-    monkey = Chaos(kills, rate=args.rate, seed=args.chaos_seed, targets=args.targets.split(","))
-    _err(f"zetta-ray chaos: a fault-free run of {cfg.train.steps} steps, then the same run under chaos")
-    clean = train(cfg.model, cfg.train, cfg.runtime, address=args.address, log=_err_above_bar, val_batches=0)
-    faulty = train(
-        cfg.model,
-        cfg.train,
-        cfg.runtime,
-        address=args.address,
-        log=_err_above_bar,
-        val_batches=0,
-        chaos=monkey,
-    )
+    degree = cfg.train.expert_degree
+    for k in kills:
+        if k.target in ("unit", "node") and k.index >= degree:
+            raise ConfigError(
+                f"--kill {k.target}:{k.step}:{k.phase}:{k.index}: the run has {degree} compute units "
+                f"(expert_degree); use an INDEX in 0..{degree - 1}"
+            )
+    targets = args.targets.split(",")
+    with ExitStack() as stack:
+        address, kill_node, setting = _node_killer(args, kills, targets, stack, degree)
+        monkey = Chaos(kills, rate=args.rate, seed=args.chaos_seed, targets=targets, kill_node=kill_node)
+        _err(f"zetta-ray chaos on {setting}: a fault-free run of {cfg.train.steps} steps, then under chaos")
+        clean = train(cfg.model, cfg.train, cfg.runtime, address=address, log=_err_above_bar, val_batches=0)
+        step_ends: list[float] = []
+        faulty = train(
+            cfg.model,
+            cfg.train,
+            cfg.runtime,
+            address=address,
+            log=_err_above_bar,
+            val_batches=0,
+            chaos=monkey,
+            on_step=lambda _m: step_ends.append(time.perf_counter()),
+        )
     lost = [r["step"] - r["restored_step"] for r in faulty.recoveries]
     times = sorted(r["recovery_s"] for r in faulty.recoveries)
     report = {
+        "cluster": setting,
         "faults_injected": monkey.injected,
         "recoveries": faulty.recoveries,
         "time_to_recover_s": {
             "p50": times[len(times) // 2] if times else None,
             "max": times[-1] if times else None,
         },
+        "kill_to_next_step_s": _kill_to_next_step(monkey.injected_at, step_ends),
         "steps_redone": {"max": max(lost, default=0), "each": lost},
         "fault_free_sha256": clean.state_sha256,
         "chaos_sha256": faulty.state_sha256,
@@ -238,8 +300,8 @@ def _cmd_chaos(args: argparse.Namespace) -> int:
     for r in faulty.recoveries:
         print(
             f"recovered: unit {r['unit']} ({r['kind']} in {r['phase']} at step {r['step']}) by "
-            f"{r['action']} from snapshot {r['restored_step']} in {r['recovery_s']:.2f} s, "
-            f"{r['replayed_calls']} calls replayed"
+            f"{r['action']} on node {(r['node'] or '?')[:12]} from snapshot {r['restored_step']} in "
+            f"{r['recovery_s']:.2f} s, {r['replayed_calls']} calls replayed"
         )
     verdict = "IDENTICAL" if report["bitwise_identical"] else "DIFFERS"
     print(
@@ -257,25 +319,36 @@ def _add_chaos(sub: argparse._SubParsersAction) -> None:
         "chaos",
         help="train under injected faults and compare with a fault-free run",
         description=(
-            "Run the train job twice, without and with faults (units or memory pools killed at a step and "
-            "phase, or at random), and report faults, recoveries, time to recover, steps redone, and "
-            "whether the final state is bit-identical. Exit 1 if it is not."
+            "Run the train job twice, without and with faults (units, memory pools or nodes killed at a "
+            "step and phase, or at random), and report faults, recoveries, time to recover, steps redone, "
+            "and whether the final state is bit-identical. Exit 1 if it is not. A node kill needs several "
+            "nodes: --nodes N starts them here (and removes the victim), --address joins a cluster (and "
+            "SIGKILLs the victim's raylet). The driver's node is never killed."
         ),
     )
     p.add_argument("--config", metavar="FILE.toml", help="as for train")
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--seed", type=int, help="seed for weights and data order")
     p.add_argument("--data-dir", help="corpus directory")
-    p.add_argument("--address", help="Ray cluster to join")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--address", help="Ray cluster to join (node kills SIGKILL the node's raylet)")
+    where.add_argument(
+        "--nodes",
+        type=int,
+        metavar="N",
+        help="start a local cluster here: a head node (the driver) and N worker nodes that hold the units, "
+        "health checks every 0.5 s (node kills remove a worker node)",
+    )
     p.add_argument(
         "--kill",
         action="append",
         metavar="TARGET:STEP[:PHASE[:INDEX]]",
-        help="e.g. unit:3:backward:1 or pool:5 (repeatable); PHASE is forward, backward or optimizer",
+        help="e.g. unit:3:backward:1, pool:5 or node:2:forward:0 (the node of unit 0); repeatable; PHASE "
+        "is forward, backward or optimizer",
     )
     p.add_argument("--rate", type=float, default=0.0, help="probability of a random kill per step and phase")
     p.add_argument("--chaos-seed", type=int, default=0, help="seed of the random kills")
-    p.add_argument("--targets", default="unit", help="what random kills hit: unit,pool")
+    p.add_argument("--targets", default="unit", help="what random kills hit: unit,pool,node")
     p.add_argument("--json", metavar="PATH", help="write the report as JSON")
     p.set_defaults(func=_cmd_chaos)
 
