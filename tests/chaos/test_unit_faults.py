@@ -115,6 +115,22 @@ def test_unit_killed_in_each_phase(fault_free, phase):
     _no_leftovers()
 
 
+def test_replacement_killed_in_the_same_step_redoes_at_most_one_step(fault_free):
+    """A replacement is snapshotted as soon as its replay is sent: losing it again right away goes back
+    to that snapshot, not to the older one the first recovery restored."""
+
+    def kill_twice(dm, step, now):
+        if (step, now) in ((2, "backward"), (2, "optimizer")):
+            ray.kill(dm._runtime.units[1], no_restart=True)
+
+    state, recoveries = _train(kill_twice)
+    _assert_same(state, fault_free)
+    assert [r.unit for r in recoveries] == [1, 1]
+    for r in recoveries:
+        assert r.restored_step >= r.step - 1, r  # at most one step of work redone, each time
+    _no_leftovers()
+
+
 def test_unit_process_sigkilled_from_outside(fault_free):
     def sigkill(dm, step, now):
         if (step, now) == (FAULT_STEP, "backward"):

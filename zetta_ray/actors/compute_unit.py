@@ -47,6 +47,7 @@ class ComputeUnit:
         self._delays: dict[str, list[float]] = {}
         self.calls: Counter[str] = Counter()  # calls served, by phase
         self._grad_epoch = 0  # how many zero_grad() the controller has issued that we have applied
+        self.rng_at_step: torch.Tensor | None = None  # torch's RNG state after the last optimizer step
 
     # -- dataflow -----------------------------------------------------------------------------------
 
@@ -109,6 +110,7 @@ class ComputeUnit:
             raise RuntimeError(f"unit {self.unit_id}: step({step}) before set_optimizer")
         self.optimizer.step()
         self.steps_applied += 1
+        self.rng_at_step = torch.get_rng_state()
         self._saved = {k: v for k, v in self._saved.items() if k[0] > step}
         return self.steps_applied
 

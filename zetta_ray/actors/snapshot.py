@@ -8,8 +8,8 @@ bits as the unit that never died. That takes more than the weights:
   groups (lr, betas, weight decay): the next update depends on them;
 - the optimizer's class name (``extra["optimizer_class"]``): a fresh unit rebuilds a ``torch.optim``
   optimizer before loading its state;
-- torch's RNG state (``rng["torch"]``): anything random in an expert (dropout, noise) draws the same
-  numbers;
+- torch's RNG state as of the last optimizer step (``rng["torch"]``): anything random in an expert
+  (dropout, noise) draws the same numbers, also when the snapshot is taken later in a step;
 - ``steps_applied`` and the gradient epoch (``extra``): the unit's step count, and when it next zeroes
   its gradients.
 
@@ -53,7 +53,7 @@ def unit_snapshot(unit: ComputeUnit, step: int, *, copy: bool = True) -> Snapsho
         step=step,
         tensors=unit.state_dict(copy=copy),
         optimizer=unit.optimizer_state_dict(copy=copy),
-        rng={"torch": torch.get_rng_state().numpy().copy()},
+        rng={"torch": _rng_at_step(unit).numpy().copy()},
         mesh={"unit": unit.unit_id, "experts": [list(k) for k in sorted(unit.experts)]},
         extra={
             "steps_applied": unit.steps_applied,
@@ -61,6 +61,13 @@ def unit_snapshot(unit: ComputeUnit, step: int, *, copy: bool = True) -> Snapsho
             "optimizer_class": type(optimizer).__name__ if optimizer is not None else None,
         },
     )
+
+
+def _rng_at_step(unit: ComputeUnit) -> torch.Tensor:
+    """The RNG state as of the unit's last optimizer step: a snapshot taken later in a step (after a
+    replacement's replayed forwards) must not include what those forwards drew, since a restore replays
+    them again."""
+    return unit.rng_at_step if unit.rng_at_step is not None else torch.get_rng_state()
 
 
 def restore_unit(unit: ComputeUnit, snapshot: Snapshot) -> int:
@@ -89,7 +96,9 @@ def restore_unit(unit: ComputeUnit, snapshot: Snapshot) -> int:
         unit.load_optimizer_state_dict(snapshot.optimizer)
     else:
         unit.optimizer = None  # taken before set_optimizer: so is the restored unit
-    torch.set_rng_state(torch.from_numpy(np.ascontiguousarray(snapshot.rng["torch"], dtype=np.uint8)))
+    rng = torch.from_numpy(np.ascontiguousarray(snapshot.rng["torch"], dtype=np.uint8)).clone()
+    torch.set_rng_state(rng)
+    unit.rng_at_step = rng
     unit.steps_applied = int(snapshot.extra["steps_applied"])
     unit._grad_epoch = int(snapshot.extra["grad_epoch"])
     unit._saved.clear()

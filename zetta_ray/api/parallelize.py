@@ -85,6 +85,7 @@ class DistributedModule:
                     unit_nodes=[b.node_id for b in self._slice.units],
                     spares=[(self._slice.actor_options(b), b.node_id) for b in self._slice.spares],
                     deadline_s=self.runtime_config.deadline_s,
+                    start_deadline_s=self.runtime_config.start_deadline_s,
                 )
                 self._faults.attach(self._runtime)
                 self._faults.snapshot(self._runtime, wait=True)  # step 0: restorable before the first step

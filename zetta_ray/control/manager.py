@@ -26,7 +26,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from zetta_ray.actors.memory_pool import MemoryPoolActor, PoolFullError
+from zetta_ray.actors.memory_pool import MemoryPoolActor, PoolFullError, SnapshotNotHeldError
 from zetta_ray.checkpoint import TrickleCheckpoint
 from zetta_ray.control.durable import DurableCheckpointer
 from zetta_ray.control.faults import fault_from_error
@@ -66,6 +66,7 @@ class RecoveryEvent:
 class _SnapshotRound:
     step: int
     waiting: dict[int, int] = field(default_factory=dict)  # unit -> acknowledgements still missing
+    partial: bool = False  # some units only (a replacement's first snapshot), not every unit
 
 
 @dataclass(slots=True)
@@ -90,12 +91,14 @@ class FaultManager:
         spares: list[tuple[dict[str, Any], str]] = (),
         pool_limit_bytes: int = 2 << 30,
         deadline_s: float = 60.0,
+        start_deadline_s: float = 180.0,
     ):
         self.config = config
         self.log = ReplayLog()
         self.unit_nodes = list(unit_nodes)
         self.spares = list(spares)  # (actor options of a reserved bundle, its node)
         self.deadline_s = deadline_s
+        self.start_deadline_s = max(start_deadline_s, deadline_s)  # a replacement starts, then restores
         self.pool_limit_bytes = pool_limit_bytes
         self.events: list[RecoveryEvent] = []
         self.acked: dict[int, list[Replica]] = {}
@@ -137,15 +140,19 @@ class FaultManager:
         if runtime.step % self.config.every == 0:
             self.snapshot(runtime)
 
-    def snapshot(self, runtime: Any, wait: bool = False) -> None:
-        """Ask every unit for its state now (after the calls sent so far) and store it on R pools.
+    def snapshot(self, runtime: Any, wait: bool = False, units: list[int] | None = None) -> None:
+        """Ask every unit (or those in ``units``) for its state after ``runtime.step`` optimizer steps and
+        store it on R pools. Ray runs the call after the calls sent so far, so a unit in the middle of a
+        step (a replacement that was just replayed) is snapshotted as of its last optimizer step.
 
         ``wait`` blocks until the copies are stored (the step-0 snapshot does, so that a unit lost before
         its first step can already be restored)."""
         step = runtime.step
-        round_ = _SnapshotRound(step)
+        round_ = _SnapshotRound(step, partial=units is not None)
         now = time.monotonic()
         for u, unit in enumerate(runtime.units):
+            if units is not None and u not in units:
+                continue
             blob = unit.snapshot.remote(step, False)  # owned here; the unit writes it once, pools hold it
             targets = self._replica_targets(u)
             round_.waiting[u] = len(targets)
@@ -219,6 +226,9 @@ class FaultManager:
             self.acked.setdefault(put.unit, []).append(Replica(put.pool, put.node, put.step))
             put.round.waiting[put.unit] -= 1
         self._puts = still
+        for r in [r for r in self._rounds if r.partial and not any(r.waiting.values())]:
+            self._rounds.remove(r)
+            self._commit(r.step, units=list(r.waiting))
         complete = [r.step for r in self._rounds if not any(r.waiting.values())]
         if complete:  # the newest fully stored snapshot makes every older one unnecessary
             newest = max(complete)
@@ -242,9 +252,14 @@ class FaultManager:
         if node in alive:
             self._start_pool(node, self.pool_limit_bytes)
 
-    def _commit(self, step: int) -> None:
-        """Drop what the snapshots of ``step`` make unnecessary: older journal calls and older copies
-        (only in the pools that hold them)."""
+    def _commit(self, step: int, units: list[int] | None = None) -> None:
+        """Drop what the snapshots of ``step`` (of every unit, or of ``units``) make unnecessary: older
+        journal calls and older copies (only in the pools that hold them)."""
+        if units is not None:
+            for u in units:
+                self.log.commit(step, unit=u)
+            self._drop_stale(step, units)
+            return
         self.log.commit(step)
         self.committed_step = max(self.committed_step, step)
         if self.durable is not None and self.durable.wants(step):
@@ -253,8 +268,12 @@ class FaultManager:
                 for u, replicas in self.acked.items()
             }
             self.durable.commit(step, fetch)
+        self._drop_stale(step, list(self.acked))
+
+    def _drop_stale(self, step: int, units: list[int]) -> None:
         stale = set()
-        for u, replicas in self.acked.items():
+        for u in units:
+            replicas = self.acked.get(u, [])
             stale |= {(r.pool, u) for r in replicas if r.step < step and r.pool not in self.dead_pools}
             self.acked[u] = [r for r in replicas if r.step >= step]
         for pool, u in sorted(stale):
@@ -296,22 +315,33 @@ class FaultManager:
             try:
                 ray.get(
                     new.restore.remote(self.pools[replica.pool].get.remote(u, replica.step)),
-                    timeout=self.deadline_s,
+                    timeout=self.start_deadline_s,
                 )
             except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
+                # The pool, or the replacement (slow to start, or dead on arrival): blame the pool only
+                # if it does not answer, or its replica is gone for good.
+                pool_gone = not self._pool_alive(replica.pool)
                 logger.warning(
-                    "restoring unit %d from %s failed, trying again: %s",
+                    "restoring unit %d from %s failed (%s), trying again: %s",
                     u,
                     replica.pool,
+                    "pool gone" if pool_gone else "pool alive",
                     str(e).splitlines()[0],
                 )
-                self.dead_pools.add(replica.pool)
+                if pool_gone:
+                    self.dead_pools.add(replica.pool)
+                elif isinstance(getattr(e, "cause", None), SnapshotNotHeldError):
+                    self.acked[u] = [r for r in self.acked.get(u, []) if r != replica]
                 ray.kill(new, no_restart=True)
                 continue
             replay = self.log.calls_for(u, decision.replay_since)
             fresh = {id(call): getattr(new, call.method).remote(*call.args) for call in replay}
             runtime.units[u] = new
             self.unit_nodes[u] = node
+            # Snapshot the replacement at once (Ray runs it after the replayed calls): until then its
+            # newest stored state is the one just restored, and losing it again would replay more.
+            if replica.step < runtime.step:
+                self.snapshot(runtime, units=[u])
             for c in calls:
                 if c.unit == u:
                     if c.logged is not None and id(c.logged) in fresh:
