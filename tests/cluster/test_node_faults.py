@@ -43,7 +43,7 @@ def npu_cluster():
     c.shutdown()
 
 
-def _train(fault=None) -> tuple[dict[str, torch.Tensor], list]:
+def _train(fault=None) -> tuple[dict[str, torch.Tensor], list, dict]:
     cfg = zr.MoEConfig(
         vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_experts=4, top_k=2, d_ff=64, seq_len=16
     )
@@ -60,12 +60,12 @@ def _train(fault=None) -> tuple[dict[str, torch.Tensor], list]:
                 fault(dm)
             loss.backward()
             opt.step()
-        return dm.state_dict(), dm.recoveries
+        return dm.state_dict(), dm.recoveries, dm.placement
 
 
 @pytest.fixture(scope="module")
 def fault_free(npu_cluster):
-    state, recoveries = _train()
+    state, recoveries, _ = _train()
     assert recoveries == []
     return state
 
@@ -92,7 +92,7 @@ def test_node_removed_mid_step(npu_cluster, fault_free, graceful):
         lost["node"], lost["units"] = _remove_node_of_unit(c, workers, dm, unit=0, graceful=graceful)
 
     start = time.monotonic()
-    state, recoveries = _train(remove)
+    state, recoveries, placement = _train(remove)
     for key in fault_free:
         assert torch.equal(state[key], fault_free[key]), key
     assert sorted(r.unit for r in recoveries) == sorted(lost["units"])  # every unit of the node, once
@@ -100,6 +100,7 @@ def test_node_removed_mid_step(npu_cluster, fault_free, graceful):
     for r in recoveries:
         assert r.kind == "node" and r.node != lost["node"]
         assert r.restored_step >= FAULT_STEP  # at most the unfinished step is redone
+    assert all(p["node_id"] != lost["node"] for p in placement.values()), "placement shows where units are"
     assert time.monotonic() - start < 120
     deadline = time.monotonic() + 20  # nothing left behind: every slice removed (asynchronously)
     while any(g["state"] != "REMOVED" for g in placement_group_table().values()):

@@ -100,12 +100,15 @@ class DistributedModule:
 
     @property
     def placement(self) -> dict[tuple[int, int], dict[str, Any]]:
-        """For every expert ``(layer, expert)``: its compute unit, the unit's node id and bundle index."""
+        """For every expert ``(layer, expert)``: its compute unit, the node the unit runs on now, and the
+        slice bundle it was placed in (``None`` once a recovery moved it elsewhere)."""
         out = {}
         for layer, units in enumerate(self._runtime.layout.unit_LE):
             for expert, u in enumerate(units):
                 bundle = self._slice.units[u]
-                out[(layer, expert)] = {"unit": u, "node_id": bundle.node_id, "bundle": bundle.index}
+                node = self._faults.unit_nodes[u] if self._faults is not None else bundle.node_id
+                index = bundle.index if node == bundle.node_id else None
+                out[(layer, expert)] = {"unit": u, "node_id": node, "bundle": index}
         return out
 
     # -- what the training loop uses -----------------------------------------------------------------
