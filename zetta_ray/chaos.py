@@ -196,8 +196,6 @@ class Chaos:
 
 def node_of_unit(dmodel: Any, unit: int) -> str:
     """The node compute unit ``unit`` runs on now (after a recovery: its replacement's node)."""
-    if dmodel._faults is not None:
-        return dmodel._faults.unit_nodes[unit]
     return next(p["node_id"] for p in dmodel.placement.values() if p["unit"] == unit)
 
 
