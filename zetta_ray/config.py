@@ -93,12 +93,17 @@ class RuntimeConfig:
     forward or backward plus transfer); too small turns a slow step into a false fault, too large delays
     the detection of a stalled unit. ``start_deadline_s`` bounds actor start-up, which includes importing
     torch in a fresh worker process.
+
+    ``shared_memory`` sends the rows of units on the controller's node through shared segments that
+    the controller reuses (``runtime/shm.py``) instead of Ray's object store; units elsewhere always
+    use the object store.
     """
 
     deadline_s: float = 60.0
     start_deadline_s: float = 180.0
     threads_per_unit: int = 1
     unit_num_cpus: float | None = None
+    shared_memory: bool = True
 
     def __post_init__(self) -> None:
         c = "RuntimeConfig"
@@ -106,6 +111,13 @@ class RuntimeConfig:
             v = getattr(self, name)
             _check(_is_number(v) and v > 0, c, name, v, "must be a number of seconds > 0")
         _positive_int(c, "threads_per_unit", self.threads_per_unit)
+        _check(
+            isinstance(self.shared_memory, bool),
+            c,
+            "shared_memory",
+            self.shared_memory,
+            "must be True or False",
+        )
         _check(
             self.unit_num_cpus is None or (_is_number(self.unit_num_cpus) and self.unit_num_cpus >= 0),
             c,

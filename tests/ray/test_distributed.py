@@ -64,12 +64,15 @@ def _train_plain(cfg: zr.MoEConfig, seed: int = 0) -> tuple[list[float], dict[st
 
 
 def _train_distributed(
-    cfg: zr.MoEConfig, degree: int, seed: int = 0
+    cfg: zr.MoEConfig, degree: int, seed: int = 0, check_module=None, **parallelize_kwargs
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
     torch.manual_seed(seed)
     model = zr.MoETransformer(cfg)
     losses = []
-    with zr.mesh(expert=degree), zr.parallelize(model, zr.ExpertParallel(degree=degree)) as dmodel:
+    strategy = zr.ExpertParallel(degree=degree)
+    with zr.mesh(expert=degree), zr.parallelize(model, strategy, **parallelize_kwargs) as dmodel:
+        if check_module is not None:
+            check_module(dmodel)
         opt = dmodel.optimizer(torch.optim.AdamW, lr=1e-2)
         for x, y in _batches():
             opt.zero_grad()
@@ -93,6 +96,41 @@ def test_matches_single_process_pytorch(degree, capacity_factor):
         # Stronger than the tolerance: the same ops in the same order give the same bits.
         assert torch.equal(state[key], ref_state[key]), key
     assert ref_losses[-1] < ref_losses[0]  # the run trained: the comparison is not between two no-ops
+
+
+def _uses_shared_memory(dmodel) -> None:
+    runtime = dmodel._runtime
+    runtime.ping()  # every unit has answered, so every probe of its node can be read
+    assert all(runtime._is_local(u) for u in range(len(runtime.units)))
+
+
+def _two_units_elsewhere(dmodel) -> None:
+    """Units 0 and 1 get rows through the object store as if they ran on another node."""
+    _uses_shared_memory(dmodel)
+    dmodel._runtime._local.update({0: False, 1: False})
+
+
+@pytest.mark.parametrize(
+    "transport",
+    ["shared_memory", "object_store", "mixed"],
+)
+def test_every_transport_trains_bit_for_bit_like_pytorch(transport):
+    """Rows to units on this node go through shared memory by default; the object store path (units
+    on other nodes, or shared_memory=False) and a mix of both must give the same bits."""
+    cfg = _config(0.75)
+    ref_losses, ref_state = _train_plain(cfg)
+    kwargs = {
+        "shared_memory": {"check_module": _uses_shared_memory},
+        "object_store": {
+            "runtime": zr.RuntimeConfig(shared_memory=False),
+            "check_module": lambda dmodel: dmodel._runtime._arena is None or pytest.fail("arena made"),
+        },
+        "mixed": {"check_module": _two_units_elsewhere},
+    }[transport]
+    losses, state = _train_distributed(cfg, degree=4, checkpoint=False, **kwargs)
+    assert losses == ref_losses
+    for key in ref_state:
+        assert torch.equal(state[key], ref_state[key]), key
 
 
 def test_same_seed_gives_bitwise_identical_state():

@@ -21,8 +21,9 @@ import ray
 import torch
 from torch import nn
 
+from zetta_ray.actors.shm import SharedRows
 from zetta_ray.actors.snapshot import restore_unit, unit_snapshot
-from zetta_ray.actors.wire import from_wire, to_wire, tree_from_wire, tree_to_wire
+from zetta_ray.actors.wire import from_wire, reply, to_wire, tree_from_wire, tree_to_wire
 from zetta_ray.checkpoint import Snapshot, decode_snapshot
 
 __all__ = ["ComputeUnit", "ComputeUnitActor"]
@@ -56,15 +57,18 @@ class ComputeUnit:
         key: SaveKey,
         experts: list[int],
         counts: list[int],
-        x_ND: np.ndarray,
+        x_ND: np.ndarray | SharedRows,
         keep: bool,
         grad_epoch: int = 0,
         input_grad: bool = True,
-    ) -> np.ndarray:
+        out: SharedRows | None = None,
+    ) -> np.ndarray | SharedRows:
         """Run the listed experts of layer ``key[1]`` on their rows (``counts`` rows each, in order).
 
         ``keep`` saves what backward needs; ``input_grad`` False tells backward that nobody needs the
-        rows' gradients (the layer's input is a leaf), which saves a third of the backward work.
+        rows' gradients (the layer's input is a leaf), which saves a third of the backward work. Rows
+        come as an array or in shared memory (``actors/shm.py``); with ``out`` the outputs are written
+        there and ``out`` is returned, else they are returned as an array.
         """
         self._enter("forward", grad_epoch)
         layer = key[1]
@@ -77,11 +81,14 @@ class ComputeUnit:
             y = outs[0] if len(outs) == 1 else torch.cat(outs)
         if keep:
             self._saved[key] = (x, y)
-        return to_wire(y.detach())
+        return reply(y.detach(), out)
 
-    def backward(self, key: SaveKey, dy_ND: np.ndarray, grad_epoch: int = 0) -> np.ndarray | None:
+    def backward(
+        self, key: SaveKey, dy_ND: np.ndarray | SharedRows, grad_epoch: int = 0, out: SharedRows | None = None
+    ) -> np.ndarray | SharedRows | None:
         """Accumulate parameter gradients for the forward under ``key``; return its input gradients
-        (None when that forward said nobody needs them)."""
+        (None when that forward said nobody needs them), written into ``out`` when given (see
+        ``forward``)."""
         self._enter("backward", grad_epoch)
         try:
             x, y = self._saved.pop(key)
@@ -91,7 +98,7 @@ class ComputeUnit:
                 "ran twice for one forward, or after the optimizer step that ended its step"
             ) from None
         y.backward(from_wire(dy_ND))
-        return None if x.grad is None else to_wire(x.grad)
+        return None if x.grad is None else reply(x.grad, out)
 
     # -- optimizer ----------------------------------------------------------------------------------
 

@@ -9,7 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["from_wire", "to_wire", "tree_from_wire", "tree_to_wire"]
+from zetta_ray.actors.shm import SharedRows, read_rows, write_rows
+
+__all__ = ["from_wire", "reply", "to_wire", "tree_from_wire", "tree_to_wire"]
 
 
 def to_wire(t: torch.Tensor) -> np.ndarray:
@@ -17,12 +19,24 @@ def to_wire(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
-def from_wire(a: np.ndarray) -> torch.Tensor:
-    """A tensor over ``a`` without a copy. Arrays from the object store are read-only; zetta_ray only
-    reads them (as matmul inputs), so torch's warning about non-writable arrays does not apply."""
+def from_wire(a: np.ndarray | SharedRows) -> torch.Tensor:
+    """A tensor over ``a`` without a copy (rows in shared memory: mapped in place, copied only when they
+    are several ranges). Arrays from the object store are read-only; zetta_ray only reads them (as
+    matmul inputs), so torch's warning about non-writable arrays does not apply."""
+    if isinstance(a, SharedRows):
+        a = read_rows(a)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(a)
+
+
+def reply(t: torch.Tensor, out: SharedRows | None) -> np.ndarray | SharedRows:
+    """A unit's result rows: written into ``out`` in shared memory (and ``out`` returned, a few bytes),
+    or, with no ``out``, returned by value through the object store."""
+    if out is None:
+        return to_wire(t)
+    write_rows(out, to_wire(t))
+    return out
 
 
 def tree_to_wire(obj: Any, copy: bool = True) -> Any:

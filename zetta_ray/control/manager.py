@@ -27,6 +27,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from zetta_ray.actors.memory_pool import MemoryPoolActor, PoolFullError, SnapshotNotHeldError
+from zetta_ray.actors.shm import portable
 from zetta_ray.checkpoint import TrickleCheckpoint
 from zetta_ray.control.durable import DurableCheckpointer
 from zetta_ray.control.faults import fault_from_error
@@ -335,7 +336,8 @@ class FaultManager:
                 ray.kill(new, no_restart=True)
                 continue
             replay = self.log.calls_for(u, decision.replay_since)
-            fresh = {id(call): getattr(new, call.method).remote(*call.args) for call in replay}
+            # portable: the replacement may run on another node than the shared memory the calls named
+            fresh = {id(call): getattr(new, call.method).remote(*portable(call.args)) for call in replay}
             runtime.units[u] = new
             self.unit_nodes[u] = node
             # Snapshot the replacement at once (Ray runs it after the replayed calls): until then its

@@ -7,6 +7,10 @@ caller's calls to one actor in submission order, so the next forward on a unit r
 the engine checks those calls for errors at its next wait. ``zero_grad`` sends nothing: it bumps a
 gradient epoch that every later call carries, and a unit zeroes its gradients when it sees a new one.
 
+Rows travel as numpy arrays through Ray's object store, except to units on the controller's own node:
+those read a layer's rows from a shared-memory region the controller wrote once, and write their
+outputs into another in place (``actors/shm.py``); the calls then carry only descriptors.
+
 Shape legend: N = rows grouped by expert, D = model dim, E = experts of one layer
 """
 
@@ -22,6 +26,7 @@ import torch
 from torch import nn
 
 from zetta_ray.actors.compute_unit import ComputeUnitActor
+from zetta_ray.actors.shm import SharedArena, SharedRows, portable
 from zetta_ray.actors.wire import from_wire, to_wire
 from zetta_ray.config import RuntimeConfig
 from zetta_ray.errors import ConfigError, DeadlineExceeded, UnitFailed, UnitFault
@@ -153,6 +158,10 @@ class ExpertRuntime:
         self._micro_batch: dict[int, itertools.count] = {}
         self._pending: list[_Call] = []
         self._grad_epoch = 0
+        self._arena: SharedArena | None = None  # shared memory for units on this node
+        self._node = ""
+        self._local: dict[int, bool] = {}  # unit -> runs on this node (False until known)
+        self._probes: dict[int, ray.ObjectRef] = {}  # unit -> its pending ping, which names its node
 
     @classmethod
     def launch(
@@ -179,6 +188,9 @@ class ExpertRuntime:
             for u in range(n)
         ]
         runtime.unit_options = list(unit_options)
+        if cfg.shared_memory:
+            runtime._arena = SharedArena.create()
+            runtime._node = ray.get_runtime_context().get_node_id()
         runtime.units = [runtime.start_unit(u) for u in range(n)]
         try:
             runtime.load_state_dict(
@@ -198,7 +210,11 @@ class ExpertRuntime:
     def start_unit(self, u: int, **overrides: Any) -> Any:
         """A new actor for unit ``u``, built as the original was (``overrides`` change where)."""
         options = {**self.unit_options[u], **overrides}
-        return ComputeUnitActor.options(**options).remote(u, self.skeletons[u], self.cfg.threads_per_unit)
+        unit = ComputeUnitActor.options(**options).remote(u, self.skeletons[u], self.cfg.threads_per_unit)
+        if self._arena is not None:  # until its ping says where it runs, it gets rows by object store
+            self._local[u] = False
+            self._probes[u] = unit.ping.remote()
+        return unit
 
     # -- dataflow -----------------------------------------------------------------------------------
 
@@ -209,27 +225,38 @@ class ExpertRuntime:
         key = (self.step, layer, next(self._micro_batch.setdefault(layer, itertools.count())))
         offsets = [0, *itertools.accumulate(counts_E)]
         x = x_ND.detach()
+        plan = [
+            (u, [e for e in self.layout.experts_in_layer(u, layer) if counts_E[e] > 0])
+            for u in range(len(self.units))
+        ]
+        plan = [
+            (u, experts) for u, experts in plan if experts
+        ]  # a unit none of whose experts got a token: no call
+        shared_x, shared_y = self._shared_pair(x, [u for u, _ in plan], output=True)
         calls = []
-        for u in range(len(self.units)):
-            experts = [e for e in self.layout.experts_in_layer(u, layer) if counts_E[e] > 0]
-            if not experts:
-                continue  # none of this unit's experts received a token: no call
+        for u, experts in plan:
             segments = _segments(offsets, experts)
+            if shared_x is not None and self._local[u]:
+                rows, out = shared_x.take(segments), shared_y.take(segments, output=True)
+            else:
+                rows, out = self._rows(_take(x, segments), journaled=keep), None
             args = (
                 key,
                 experts,
                 [counts_E[e] for e in experts],
-                self._rows(_take(x, segments), journaled=keep),
+                rows,
                 keep,
                 self._grad_epoch,
                 input_grad,
+                out,
             )
             calls.append(
                 self._submit(
                     u, "forward", args, "forward", [(layer, e) for e in experts], segments, journaled=keep
                 )
             )
-        return _scatter(self._gather(calls), calls, x, writable=False), Ticket(key, calls, input_grad)
+        y = self._combine(self._gather(calls), calls, x, shared_y, writable=False)
+        return y, Ticket(key, calls, input_grad)
 
     def backward(self, ticket: Ticket, dy_ND: torch.Tensor) -> torch.Tensor | None:
         step = ticket.key[0]
@@ -239,19 +266,18 @@ class ExpertRuntime:
                 "call loss.backward() before opt.step()"
             )
         dy = dy_ND.detach()
-        calls = [
-            self._submit(
-                c.unit,
-                "backward",
-                (ticket.key, self._rows(_take(dy, c.segments)), self._grad_epoch),
-                "backward",
-                c.experts,
-                c.segments,
-            )
-            for c in ticket.calls
-        ]
+        shared_dy, shared_dx = self._shared_pair(dy, [c.unit for c in ticket.calls], output=ticket.input_grad)
+        calls = []
+        for c in ticket.calls:
+            if shared_dy is not None and self._local[c.unit]:
+                rows = shared_dy.take(c.segments)
+                out = shared_dx.take(c.segments, output=True) if shared_dx is not None else None
+            else:
+                rows, out = self._rows(_take(dy, c.segments)), None
+            args = (ticket.key, rows, self._grad_epoch, out)
+            calls.append(self._submit(c.unit, "backward", args, "backward", c.experts, c.segments))
         outs = self._gather(calls)
-        return _scatter(outs, calls, dy) if ticket.input_grad else None
+        return self._combine(outs, calls, dy, shared_dx) if ticket.input_grad else None
 
     # -- optimizer ----------------------------------------------------------------------------------
 
@@ -328,6 +354,58 @@ class ExpertRuntime:
             ray.kill(unit, no_restart=True)
         self.units = []
         self._pending = []
+        if self._arena is not None:
+            self._arena.close()
+
+    # -- shared memory (actors/shm.py) ----------------------------------------------------------------
+
+    def _is_local(self, u: int) -> bool:
+        """Whether unit ``u`` runs on this node, as far as its ping has answered yet (never waits)."""
+        probe = self._probes.get(u)
+        if probe is not None:
+            ready, _ = ray.wait([probe], timeout=0)
+            if ready:
+                del self._probes[u]
+                try:
+                    self._local[u] = ray.get(probe, timeout=0)["node_id"] == self._node
+                except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                    self._local[u] = False  # dead already: the call itself will report it
+        return self._local.get(u, False)
+
+    def _shared_pair(
+        self, t: torch.Tensor, units: list[int], output: bool
+    ) -> tuple[SharedRows | None, SharedRows | None]:
+        """``t`` copied into shared memory, and (with ``output``) an empty region like it for the
+        results, when any of ``units`` runs on this node; else ``(None, None)``."""
+        if self._arena is None or not [u for u in units if self._is_local(u)]:
+            return None, None
+        shared_in = self._arena.share(t)
+        shared_out = self._arena.empty(tuple(t.shape), shared_in.dtype) if shared_in and output else None
+        if shared_in is None or (output and shared_out is None):
+            return None, None
+        return shared_in, shared_out
+
+    def _combine(
+        self,
+        outs: list[Any],
+        calls: list[_Call],
+        like: torch.Tensor,
+        shared: SharedRows | None,
+        writable: bool = True,
+    ) -> torch.Tensor:
+        """The calls' output rows in row order. Units on this node wrote theirs into ``shared`` already;
+        the rows that others returned are copied in."""
+        if shared is None:
+            return _scatter(outs, calls, like, writable)
+        out = shared.tensor()
+        for o, c in zip(outs, calls, strict=True):
+            if isinstance(o, SharedRows):
+                continue
+            rows, pos = from_wire(o), 0
+            for lo, hi in c.segments:
+                out[lo:hi] = rows[pos : pos + hi - lo]
+                pos += hi - lo
+        return out
 
     # -- waiting --------------------------------------------------------------------------------------
 
@@ -362,7 +440,7 @@ class ExpertRuntime:
 
     def resend(self, call: _Call) -> None:
         """Send ``call`` again to its unit's current actor (after a replacement)."""
-        call.ref = getattr(self.units[call.unit], call.method).remote(*call.args)
+        call.ref = getattr(self.units[call.unit], call.method).remote(*portable(call.args))
 
     def _gather(self, calls: list[_Call], deadline_s: float | None = None) -> list[Any]:
         """Wait for ``calls`` (and any fire-and-forget calls still pending) within the deadline.
