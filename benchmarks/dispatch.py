@@ -2,8 +2,11 @@
 
 Both sides run the same expert (an FFN, d_model=512, d_ff=2048, one torch thread) on the same numpy
 payload and return numpy: the bare side is a minimal Ray actor with one method; the zetta_ray side is
-``ExpertRuntime.forward`` of a one-unit DistributedModule (keyed call, deadline, combine). Prints one
-JSON object per payload size with median latencies and the ratio (zetta_ray / bare; 1.0 = no overhead).
+``ExpertRuntime.forward`` of a one-unit DistributedModule (keyed call, deadline, combine), twice: as
+it runs here, with the unit on the controller's node reading and writing rows in shared memory
+(``ratio``), and with ``RuntimeConfig(shared_memory=False)``, the object-store path that units on other
+nodes take, as the bare call does (``ratio_object_store``). Prints one JSON object per payload size
+with median latencies and the ratios (zetta_ray / bare; 1.0 = no overhead).
 
     python benchmarks/dispatch.py [--calls 50] [--warmup 10]
 """
@@ -65,19 +68,31 @@ def main() -> None:
     state = {k: v.numpy().copy() for k, v in module.moe.experts[0].state_dict().items()}
     bare = BareExpert.remote(state)
     dmodel = zr.parallelize(module, zr.ExpertParallel(degree=1))
-    runtime = dmodel._runtime
+    torch.manual_seed(0)
+    via_store = zr.parallelize(  # the same expert (same seed), a module of its own
+        OneExpert(),
+        zr.ExpertParallel(degree=1),
+        runtime=zr.RuntimeConfig(shared_memory=False),
+        checkpoint=False,
+    )
+    runtime, store_runtime = dmodel._runtime, via_store._runtime
     try:
         for rows in (16, 256, 2048):
             x_ND = torch.randn(rows, D_MODEL)
             x_np = x_ND.numpy()
-            assert np.array_equal(  # same work on both sides
-                ray.get(bare.forward.remote(x_np)), runtime.forward(0, x_ND, [rows], keep=False)[0].numpy()
-            )
+            expected = ray.get(bare.forward.remote(x_np))  # same work on every side
+            assert np.array_equal(expected, runtime.forward(0, x_ND, [rows], keep=False)[0].numpy())
+            assert np.array_equal(expected, store_runtime.forward(0, x_ND, [rows], keep=False)[0].numpy())
             bare_ms = _median_ms(
                 lambda x_np=x_np: ray.get(bare.forward.remote(x_np)), args.calls, args.warmup
             )
             zr_ms = _median_ms(
                 lambda x_ND=x_ND, rows=rows: runtime.forward(0, x_ND, [rows], keep=False),
+                args.calls,
+                args.warmup,
+            )
+            store_ms = _median_ms(
+                lambda x_ND=x_ND, rows=rows: store_runtime.forward(0, x_ND, [rows], keep=False),
                 args.calls,
                 args.warmup,
             )
@@ -94,12 +109,15 @@ def main() -> None:
                         "bare_ray_ms": round(bare_med, 3),
                         "zetta_ray_ms": round(zr_ms, 3),
                         "ratio": round(zr_ms / bare_med, 3),
+                        "zetta_ray_object_store_ms": round(store_ms, 3),
+                        "ratio_object_store": round(store_ms / bare_med, 3),
                     }
                 ),
                 flush=True,
             )
     finally:
         dmodel.close()
+        via_store.close()
         ray.kill(bare)
 
 

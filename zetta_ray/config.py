@@ -95,8 +95,9 @@ class RuntimeConfig:
     torch in a fresh worker process.
 
     ``shared_memory`` sends the rows of units on the controller's node through shared segments that
-    the controller reuses (``runtime/shm.py``) instead of Ray's object store; units elsewhere always
-    use the object store.
+    the controller reuses (``actors/shm.py``) instead of Ray's object store; units elsewhere always
+    use the object store. A layer's rows smaller than ``shared_memory_min_bytes`` go inline with the
+    calls instead (Ray sends arguments under 100 KiB in the call itself, which beats a copy).
     """
 
     deadline_s: float = 60.0
@@ -104,6 +105,7 @@ class RuntimeConfig:
     threads_per_unit: int = 1
     unit_num_cpus: float | None = None
     shared_memory: bool = True
+    shared_memory_min_bytes: int = 100 << 10
 
     def __post_init__(self) -> None:
         c = "RuntimeConfig"

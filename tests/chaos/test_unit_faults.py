@@ -102,13 +102,19 @@ def _no_leftovers():
         time.sleep(0.2)
 
 
+@pytest.mark.parametrize("rows", ["inline", "shared_memory"])
 @pytest.mark.parametrize("phase", ["forward", "backward", "optimizer"])
-def test_unit_killed_in_each_phase(fault_free, phase):
+def test_unit_killed_in_each_phase(fault_free, phase, rows):
+    """``rows``: this model's rows are small enough to travel inline with the calls; with
+    ``shared_memory_min_bytes=0`` they go through shared memory, and the replay onto the replacement
+    (which may run anywhere) is sent by value (``actors.shm.portable``)."""
+
     def kill(dm, step, now):
         if (step, now) == (FAULT_STEP, phase):
             ray.kill(dm._runtime.units[1], no_restart=True)
 
-    state, recoveries = _train(kill)
+    runtime = zr.RuntimeConfig(shared_memory_min_bytes=0) if rows == "shared_memory" else None
+    state, recoveries = _train(kill, runtime=runtime)
     _assert_same(state, fault_free)
     assert len(recoveries) == 1 and recoveries[0].unit == 1
     assert recoveries[0].restored_step >= FAULT_STEP - 1  # at most one step of work redone

@@ -102,6 +102,7 @@ def _uses_shared_memory(dmodel) -> None:
     runtime = dmodel._runtime
     runtime.ping()  # every unit has answered, so every probe of its node can be read
     assert all(runtime._is_local(u) for u in range(len(runtime.units)))
+    assert runtime._arena.regions == 0  # nothing sent yet; the test checks that training sends some
 
 
 def _two_units_elsewhere(dmodel) -> None:
@@ -119,18 +120,33 @@ def test_every_transport_trains_bit_for_bit_like_pytorch(transport):
     on other nodes, or shared_memory=False) and a mix of both must give the same bits."""
     cfg = _config(0.75)
     ref_losses, ref_state = _train_plain(cfg)
+    small_rows_too = zr.RuntimeConfig(shared_memory_min_bytes=0)  # this model's rows are a few KiB
     kwargs = {
-        "shared_memory": {"check_module": _uses_shared_memory},
+        "shared_memory": {"check_module": _uses_shared_memory, "runtime": small_rows_too},
         "object_store": {
             "runtime": zr.RuntimeConfig(shared_memory=False),
             "check_module": lambda dmodel: dmodel._runtime._arena is None or pytest.fail("arena made"),
         },
-        "mixed": {"check_module": _two_units_elsewhere},
+        "mixed": {"check_module": _two_units_elsewhere, "runtime": small_rows_too},
     }[transport]
+    arenas = []
+    check = kwargs.pop("check_module")
+    kwargs["check_module"] = lambda dmodel: (check(dmodel), arenas.append(dmodel._runtime._arena))
     losses, state = _train_distributed(cfg, degree=4, checkpoint=False, **kwargs)
+    if transport != "object_store":
+        assert arenas[0].regions > 0  # the rows did go through shared memory
     assert losses == ref_losses
     for key in ref_state:
         assert torch.equal(state[key], ref_state[key]), key
+
+
+def test_parallelizing_a_module_twice_is_a_clear_error():
+    model = zr.MoETransformer(_config(None))
+    with (
+        zr.parallelize(model, zr.ExpertParallel(degree=2), checkpoint=False),
+        pytest.raises(zr.errors.ConfigError, match="already parallelized.*fresh instance"),
+    ):
+        zr.parallelize(model, zr.ExpertParallel(degree=2))
 
 
 def test_same_seed_gives_bitwise_identical_state():

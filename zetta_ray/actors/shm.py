@@ -199,6 +199,7 @@ class SharedArena:
         self._lock = threading.Lock()  # leases may be dropped on another thread
         self._closed = False
         self._warned = False
+        self.regions = 0  # regions handed out so far
 
     @classmethod
     def create(cls, segment_bytes: int = SEGMENT_BYTES) -> SharedArena | None:
@@ -224,6 +225,7 @@ class SharedArena:
             offset = seg.top
             seg.top += size
             seg.live += 1
+            self.regions += 1
         return SharedRows(seg.name, offset, shape, dtype.str, ((0, shape[0]),), lease=_Lease(self, seg))
 
     def share(self, t: torch.Tensor) -> SharedRows | None:

@@ -53,6 +53,13 @@ class DistributedModule:
                 f"{type(module).__name__} has no zr.MoELayer; zr.parallelize distributes the experts of "
                 "MoELayer modules (build the model's MoE blocks from zetta_ray.experts.MoELayer)"
             )
+        moved = [name for name, layer in layers if isinstance(layer.executor, RemoteExperts)]
+        if moved:
+            raise ConfigError(
+                f"{type(module).__name__} is already parallelized (the experts of MoE layers {moved} run "
+                "on the units of another DistributedModule); parallelize a fresh instance, or use the "
+                "DistributedModule you have"
+            )
         for name, layer in layers:
             if layer.n_experts % strategy.degree:
                 raise ConfigError(

@@ -377,7 +377,9 @@ class ExpertRuntime:
     ) -> tuple[SharedRows | None, SharedRows | None]:
         """``t`` copied into shared memory, and (with ``output``) an empty region like it for the
         results, when any of ``units`` runs on this node; else ``(None, None)``."""
-        if self._arena is None or not [u for u in units if self._is_local(u)]:
+        if self._arena is None or t.numel() * t.element_size() < self.cfg.shared_memory_min_bytes:
+            return None, None
+        if not [u for u in units if self._is_local(u)]:
             return None, None
         shared_in = self._arena.share(t)
         shared_out = self._arena.empty(tuple(t.shape), shared_in.dtype) if shared_in and output else None
