@@ -196,7 +196,8 @@ class SharedArena:
         self.segment_bytes = segment_bytes
         self._prefix = f"zetta_ray-{os.getpid()}-{secrets.token_hex(4)}"
         self._segments: list[_Segment] = []
-        self._lock = threading.Lock()  # leases may be dropped on another thread
+        # Leases may be dropped on another thread, or by the garbage collector inside empty() itself.
+        self._lock = threading.RLock()
         self._closed = False
         self._warned = False
         self.regions = 0  # regions handed out so far

@@ -9,8 +9,10 @@ bit for bit, and computes the same outputs for the calls whose results the contr
 
 What is logged, per unit and in send order (``LoggedCall.args`` are ``ComputeUnit`` method arguments):
 
-- ``forward(key, experts, counts, x_ND, keep, grad_epoch)``: ``x_ND`` is the array sent, or an
-  ObjectRef the controller owns (keep the ref: Ray frees an object when its last ref goes);
+- ``forward(key, experts, counts, x_ND, keep, grad_epoch, ...)``: ``x_ND`` is the array sent, an
+  ObjectRef the controller owns (keep the ref: Ray frees an object when its last ref goes), or rows in
+  the controller's shared memory (``actors.shm.SharedRows``, which keeps its region alive the same way;
+  a replay sends them by value, ``actors.shm.portable``);
 - ``backward(key, dy_ND, grad_epoch)``;
 - ``step(step, grad_epoch)``: the optimizer step. It is logged too: the controller sends it without
   waiting, so when a unit dies it cannot know whether the step was applied; replaying from the
@@ -69,7 +71,8 @@ class LoggedCall:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the arrays this call holds (ObjectRefs count 0: the object store holds those)."""
+        """Bytes of the arrays this call holds (ObjectRefs and shared-memory rows count 0: the object
+        store and the runtime's shared segments hold those)."""
         return sum(a.nbytes for a in self.args if isinstance(a, np.ndarray))
 
 
