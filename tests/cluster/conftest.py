@@ -1,12 +1,11 @@
-"""A multi-node Ray cluster on this machine, one per test module (``ray.cluster_utils.Cluster``).
+"""A multi-node Ray cluster on this machine, one per test module (``zr.chaos.local_cluster``).
 
-A head node and two worker nodes of one CPU each. Health checks are fast (every 500 ms, dead after 3
-misses), so a removed node is reported dead in about 1.5 s instead of 30 s.
+A head node and two worker nodes of one CPU each. Health checks are fast (``zr.chaos.FAST_HEALTH_CHECKS``:
+every 500 ms, dead after 3 misses), so a removed node is reported dead in about 1.5 s instead of 30 s.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
@@ -14,7 +13,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-FAST_HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
+import zetta_ray as zr
 
 
 @dataclass(frozen=True)
@@ -43,14 +42,5 @@ class MultiNode:
 def ray_multinode():
     if ray.is_initialized():
         ray.shutdown()
-    os.environ.pop("RAY_ADDRESS", None)  # a previous module's ray.init exported a cluster that is gone
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "include_dashboard": False, "_system_config": FAST_HEALTH_CHECKS},
-    )
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    ray.init(address=cluster.address)
-    cluster.wait_for_nodes()
-    yield MultiNode(cluster, cluster.head_node.node_id, workers)
-    ray.shutdown()
-    cluster.shutdown()
+    with zr.chaos.local_cluster(workers=2) as cluster:
+        yield MultiNode(cluster, cluster.head_node.node_id, list(cluster.worker_nodes))

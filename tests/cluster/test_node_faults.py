@@ -4,7 +4,6 @@ held on yet another node, and the final state equals a fault-free run bit for bi
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -26,21 +25,9 @@ def npu_cluster():
     """Head (1 CPU, no npu) and three nodes with 2 npu each; node death is detected in ~1.5 s."""
     if ray.is_initialized():
         ray.shutdown()
-    os.environ.pop("RAY_ADDRESS", None)
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 1,
-            "include_dashboard": False,
-            "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3},
-        },
-    )
-    workers = [c.add_node(num_cpus=1, resources={"npu": 2}) for _ in range(3)]
-    ray.init(address=c.address)
     torch.set_num_threads(1)
-    yield c, workers
-    ray.shutdown()
-    c.shutdown()
+    with zr.chaos.local_cluster(workers=3, units={"npu": 2}) as c:
+        yield c, list(c.worker_nodes)
 
 
 def _train(fault=None) -> tuple[dict[str, torch.Tensor], list, dict]:

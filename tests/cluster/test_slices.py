@@ -9,7 +9,6 @@ import time
 import pytest
 import ray
 import torch
-from ray.cluster_utils import Cluster
 from ray.util.placement_group import placement_group_table
 
 import zetta_ray as zr
@@ -23,19 +22,8 @@ pytestmark = pytest.mark.cluster
 def cluster():
     if ray.is_initialized():
         ray.shutdown()
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 1,
-            "include_dashboard": False,
-            "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3},
-        },
-    )
-    workers = [c.add_node(num_cpus=1, resources={"npu": 2}) for _ in range(2)]
-    ray.init(address=c.address)
-    yield c, workers
-    ray.shutdown()
-    c.shutdown()
+    with zr.chaos.local_cluster(workers=2, units={"npu": 2}) as c:
+        yield c, list(c.worker_nodes)
 
 
 def _config() -> zr.MoEConfig:
