@@ -2,9 +2,10 @@
 
 Sent through Ray's object store, every call's rows cost the sender a put (an IPC round trip with the
 store, then a copy into store pages the process has not touched before: page faults) and the receiver
-the same again for its result: about 1.8 ms of controller CPU for a call carrying 1 MB each way on a
-2-core machine, against 0.35 ms when the rows sit in a shared segment that both processes have mapped
-already and the call carries only a descriptor (see BENCHMARKS.md).
+the same again for its result: on a 2-core machine a call carrying 1 MB each way took 1.3 ms of the
+caller's CPU and 2.3 ms of wall time, against 0.8 ms and 0.7 ms when the rows sit in a shared segment
+that both processes have mapped already and the call carries only descriptors
+(benchmarks/transport.py, BENCHMARKS.md).
 
 The controller owns a ``SharedArena``: segments in ``/dev/shm``, carved into regions, each region one
 ``(rows, D)`` array (a layer's grouped rows, or the buffer its units write their outputs into). A
