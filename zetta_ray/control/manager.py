@@ -34,7 +34,7 @@ from zetta_ray.control.faults import fault_from_error
 from zetta_ray.control.recovery import RecoveryAction, Replica, Spare, decide_recovery
 from zetta_ray.control.replay import ReplayLog
 from zetta_ray.control.replicas import decide_replica_nodes
-from zetta_ray.errors import UnitFault, ZettaError
+from zetta_ray.errors import UnitFailed, UnitFault, ZettaError
 
 __all__ = ["FaultManager", "RecoveryEvent", "RecoveryFailed"]
 
@@ -79,6 +79,25 @@ class _Put:
     ref: ray.ObjectRef
     sent: float
     round: _SnapshotRound
+
+
+@dataclass(slots=True)
+class _Restoring:
+    """A replacement that was started and sent its restore, not yet waited for."""
+
+    new: Any
+    node: str
+    fault: Any
+    decision: Any
+    restored: ray.ObjectRef
+
+
+def _lost_with_node(runtime: Any, u: int, error: UnitFault) -> UnitFailed:
+    """The fault of unit ``u``, lost because the node of ``error``'s unit died."""
+    cause = RuntimeError(f"its node died with unit {error.unit} ({error})")
+    return UnitFailed(
+        unit=u, experts=runtime.layout.experts_of(u), step=error.step, phase=error.phase, cause=cause
+    )
 
 
 class FaultManager:
@@ -285,39 +304,70 @@ class FaultManager:
     def recover(self, runtime: Any, error: UnitFault, calls: list[Any]) -> None:
         """Replace the failed unit of ``error`` and re-send its calls in ``calls``; raise if impossible.
 
-        The replacement is restored before anything is replayed onto it; a replica that cannot be read
-        (its pool or node died meanwhile) is marked dead and the decision is taken again.
+        When the unit's node is dead, every other unit of that node is lost too: all their replacements
+        start at once (a replacement's start, a fresh process importing torch, is most of a recovery), so
+        a node fault takes about as long as one unit's. Each replacement is restored before anything is
+        replayed onto it; a replica that cannot be read (its pool or node died meanwhile) is marked dead
+        and the decision is taken again.
         """
-        u = error.unit
         start = time.monotonic()
-        ray.kill(runtime.units[u], no_restart=True)  # dead already, or stalled: either way it goes
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        node = self.unit_nodes[error.unit]
+        lost = [error.unit]
+        if node not in alive:
+            lost += [v for v, n in enumerate(self.unit_nodes) if n == node and v != error.unit]
+        for u in lost:
+            ray.kill(runtime.units[u], no_restart=True)  # dead already, or stalled: either way it goes
         # Snapshots in flight may land now (or fail, if the dead unit made them): count what landed.
         deadline = time.monotonic() + self.deadline_s
         self._collect()
         while self._puts and time.monotonic() < deadline:
             self._collect(wait_s=0.05)
-        for _ in range(_MAX_ATTEMPTS):
-            alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-            old_node = self.unit_nodes[u]
-            fault = fault_from_error(error, node=old_node, node_alive=old_node in alive)
-            self.dead_pools |= {p for p, n in self.pool_nodes.items() if n not in alive}
-            decision = decide_recovery(
-                fault,
-                live_nodes=alive,
-                replicas_by_unit=self.acked,
-                spares=[Spare(i, node) for i, (_, node) in enumerate(self.spares)],
-                dead_pools=self.dead_pools,
-                log_start=self.log.first_step(u),
-            )
-            if decision.action is RecoveryAction.FAIL:
-                raise RecoveryFailed(f"cannot recover unit {u}: {decision.reason}") from error
-            new, node = self._start_replacement(runtime, u, decision, old_node)
-            replica = decision.restore_from
+        errors = {u: error if u == error.unit else _lost_with_node(runtime, u, error) for u in lost}
+        started: dict[int, _Restoring] = {}
+        try:
+            for u in lost:  # all replacements boot at the same time
+                started[u] = self._begin(runtime, u, errors[u])
+        except RecoveryFailed:
+            for begun in started.values():  # no orphan actors when the job cannot go on
+                ray.kill(begun.new, no_restart=True)
+            raise
+        for u in lost:
+            self._finish(runtime, u, errors[u], calls, start, started[u])
+
+    def _begin(self, runtime: Any, u: int, error: UnitFault) -> _Restoring:
+        """Decide where unit ``u`` goes, start its replacement and send the restore; do not wait."""
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        old_node = self.unit_nodes[u]
+        fault = fault_from_error(error, node=old_node, node_alive=old_node in alive)
+        self.dead_pools |= {p for p, n in self.pool_nodes.items() if n not in alive}
+        decision = decide_recovery(
+            fault,
+            live_nodes=alive,
+            replicas_by_unit=self.acked,
+            spares=[Spare(i, node) for i, (_, node) in enumerate(self.spares)],
+            dead_pools=self.dead_pools,
+            log_start=self.log.first_step(u),
+        )
+        if decision.action is RecoveryAction.FAIL:
+            raise RecoveryFailed(f"cannot recover unit {u}: {decision.reason}") from error
+        new, node = self._start_replacement(runtime, u, decision, old_node)
+        replica = decision.restore_from
+        restored = new.restore.remote(self.pools[replica.pool].get.remote(u, replica.step))
+        return _Restoring(new, node, fault, decision, restored)
+
+    def _finish(
+        self, runtime: Any, u: int, error: UnitFault, calls: list[Any], start: float, begun: _Restoring
+    ) -> None:
+        """Wait for unit ``u``'s restore (trying again from scratch if it fails), replay its journal onto
+        it, and re-send its calls in ``calls``."""
+        for attempt in range(_MAX_ATTEMPTS):
+            if attempt:
+                begun = self._begin(runtime, u, error)
+            replica = begun.decision.restore_from
             try:
-                ray.get(
-                    new.restore.remote(self.pools[replica.pool].get.remote(u, replica.step)),
-                    timeout=self.start_deadline_s,
-                )
+                ray.get(begun.restored, timeout=self.start_deadline_s)
+                break
             except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
                 # The pool, or the replacement (slow to start, or dead on arrival): blame the pool only
                 # if it does not answer, or its replica is gone for good.
@@ -333,49 +383,51 @@ class FaultManager:
                     self.dead_pools.add(replica.pool)
                 elif isinstance(getattr(e, "cause", None), SnapshotNotHeldError):
                     self.acked[u] = [r for r in self.acked.get(u, []) if r != replica]
-                ray.kill(new, no_restart=True)
-                continue
-            replay = self.log.calls_for(u, decision.replay_since)
-            # portable: the replacement may run on another node than the shared memory the calls named
-            fresh = {id(call): getattr(new, call.method).remote(*portable(call.args)) for call in replay}
-            runtime.units[u] = new
-            self.unit_nodes[u] = node
-            # Snapshot the replacement at once (Ray runs it after the replayed calls): until then its
-            # newest stored state is the one just restored, and losing it again would replay more.
-            if replica.step < runtime.step:
-                self.snapshot(runtime, units=[u])
-            for c in calls:
-                if c.unit == u:
-                    if c.logged is not None and id(c.logged) in fresh:
-                        c.ref = fresh[id(c.logged)]
-                    else:
-                        runtime.resend(c)
-            self.events.append(
-                RecoveryEvent(
-                    unit=u,
-                    kind=fault.kind,
-                    step=error.step,
-                    phase=error.phase,
-                    action=decision.action.value,
-                    node=node,
-                    restored_step=replica.step,
-                    replayed_calls=len(replay),
-                    recovery_s=time.monotonic() - start,
-                    detail=str(error),
-                )
+                ray.kill(begun.new, no_restart=True)
+        else:
+            raise RecoveryFailed(
+                f"unit {u}: no replica could be restored in {_MAX_ATTEMPTS} attempts"
+            ) from error
+        new, node, fault, decision = begun.new, begun.node, begun.fault, begun.decision
+        replay = self.log.calls_for(u, decision.replay_since)
+        # portable: the replacement may run on another node than the shared memory the calls named
+        fresh = {id(call): getattr(new, call.method).remote(*portable(call.args)) for call in replay}
+        runtime.units[u] = new
+        self.unit_nodes[u] = node
+        # Snapshot the replacement at once (Ray runs it after the replayed calls): until then its
+        # newest stored state is the one just restored, and losing it again would replay more.
+        if replica.step < runtime.step:
+            self.snapshot(runtime, units=[u])
+        for c in calls:
+            if c.unit == u:
+                if c.logged is not None and id(c.logged) in fresh:
+                    c.ref = fresh[id(c.logged)]
+                else:
+                    runtime.resend(c)
+        self.events.append(
+            RecoveryEvent(
+                unit=u,
+                kind=fault.kind,
+                step=error.step,
+                phase=error.phase,
+                action=decision.action.value,
+                node=node,
+                restored_step=replica.step,
+                replayed_calls=len(replay),
+                recovery_s=time.monotonic() - start,
+                detail=str(error),
             )
-            logger.warning(
-                "recovered unit %d (%s in %s at step %d) on node %s from snapshot %d, replaying %d calls",
-                u,
-                fault.kind,
-                error.phase,
-                error.step,
-                node[:8],
-                replica.step,
-                len(replay),
-            )
-            return
-        raise RecoveryFailed(f"unit {u}: no replica could be restored in {_MAX_ATTEMPTS} attempts") from error
+        )
+        logger.warning(
+            "recovered unit %d (%s in %s at step %d) on node %s from snapshot %d, replaying %d calls",
+            u,
+            fault.kind,
+            error.phase,
+            error.step,
+            node[:8],
+            replica.step,
+            len(replay),
+        )
 
     def _start_replacement(self, runtime: Any, u: int, decision: Any, old_node: str) -> tuple[Any, str]:
         if decision.action is RecoveryAction.REPLACE_ON_SPARE:
