@@ -14,7 +14,6 @@ from ray.util.placement_group import placement_group_table
 from ray.util.state import list_actors
 
 import zetta_ray as zr
-from zetta_ray.actors import shm
 
 pytestmark = pytest.mark.chaos
 
@@ -70,21 +69,7 @@ def _train(fault=None, runtime=None) -> tuple[dict[str, torch.Tensor], list]:
             opt.step()
             if fault:
                 fault(dm, step, "optimizer")
-        state, recoveries = dm.state_dict(), dm.recoveries
-        # the units staged their snapshots through shared memory (ComputeUnit.stage_snapshot) ...
-        assert dm._faults.snapshots_staged > 0, (dm._faults.snapshots_staged, dm._faults.snapshots_direct)
-        pids = {p["pid"] for p in dm._runtime.ping()}
-    # ... and the units that closed removed their staging segments
-    assert not [n for n in _shm_names() if int(n.split("-")[1]) in pids]
-    return state, recoveries
-
-
-def _shm_names() -> list[str]:
-    return (
-        [n for n in os.listdir(shm.SHM_DIR) if n.startswith("zetta_ray-")]
-        if os.path.isdir(shm.SHM_DIR)
-        else []
-    )
+        return dm.state_dict(), dm.recoveries
 
 
 @pytest.fixture(scope="module")

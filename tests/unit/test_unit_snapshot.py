@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import copy
-import os
-import pickle
 
 import pytest
 import torch
 
-from zetta_ray.actors import ComputeUnit, shm
-from zetta_ray.actors.memory_pool import MemoryPool
-from zetta_ray.actors.snapshot import StagedSnapshot, restore_unit, unit_snapshot
+from zetta_ray.actors import ComputeUnit
+from zetta_ray.actors.snapshot import restore_unit, unit_snapshot
 from zetta_ray.actors.wire import to_wire
 from zetta_ray.checkpoint import CorruptCheckpointError, decode_snapshot, encode_snapshot
 from zetta_ray.experts import ExpertFFN
@@ -175,56 +172,3 @@ def test_restore_unit_accepts_a_snapshot_object():
     _train(unit, range(2, 3))
     _train(fresh, range(2, 3))
     _assert_same_state(unit, fresh)
-
-
-# -- staging through shared memory (ComputeUnit.stage_snapshot -> MemoryPool.stage) ----------------------
-
-
-@pytest.mark.skipif(not os.path.isdir(shm.SHM_DIR), reason="no /dev/shm on this system")
-def test_a_staged_snapshot_is_the_snapshot_and_restores_bitwise():
-    unit = _trained_unit()
-    _train(unit, range(2))
-    pool = MemoryPool(1 << 30, "pool-test")
-    try:
-        staged = unit.stage_snapshot(2, slot=0)
-        assert isinstance(staged, StagedSnapshot)
-        assert len(pickle.dumps(staged)) < 8192  # a descriptor on the wire, not the state
-        got, want = pool.stage(staged), unit_snapshot(unit, 2)
-        assert encode_snapshot(got) == encode_snapshot(want)  # every tensor, tree and field alike
-
-        _train(unit, range(2, 3))
-        again = unit.stage_snapshot(3, slot=0)
-        assert again.segment == staged.segment  # the slot is reused: its pages stay warm
-        assert encode_snapshot(pool.stage(again)) == encode_snapshot(unit_snapshot(unit, 3))
-        fresh = _fresh_unit()
-        assert fresh.restore(pool.stage(again)) == 3
-        _train(unit, range(3, 5))
-        _train(fresh, range(3, 5))
-        _assert_same_state(unit, fresh)
-    finally:
-        unit.release_staging()
-    assert not os.path.exists(os.path.join(shm.SHM_DIR, staged.segment))  # nothing left behind
-
-
-@pytest.mark.skipif(not os.path.isdir(shm.SHM_DIR), reason="no /dev/shm on this system")
-def test_the_two_slots_are_distinct_and_a_grown_state_gets_a_bigger_slot():
-    unit = _trained_unit()  # no optimizer step yet: AdamW has no moments, the snapshot is small
-    try:
-        small = unit.stage_snapshot(0, slot=0)
-        other = unit.stage_snapshot(0, slot=1)
-        assert (small.segment, small.fields) != (other.segment, other.fields)  # another region
-        _train(unit, range(1))
-        grown = unit.stage_snapshot(1, slot=0)  # AdamW's moments now: more bytes than the slot had
-        assert grown.nbytes > small.nbytes
-        pool = MemoryPool(1 << 30, "pool-test")
-        assert encode_snapshot(pool.stage(grown)) == encode_snapshot(unit_snapshot(unit, 1))
-        # slot 1 was not overwritten by slot 0's bigger region
-        assert encode_snapshot(pool.stage(other)) == encode_snapshot(unit_snapshot(_trained_unit(), 0))
-    finally:
-        unit.release_staging()
-
-
-def test_a_snapshot_sent_by_value_passes_through_stage():
-    unit = _trained_unit()
-    snap = unit_snapshot(unit, 0)
-    assert MemoryPool(1 << 30, "pool-test").stage(snap) is snap

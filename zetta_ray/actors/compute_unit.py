@@ -21,8 +21,8 @@ import ray
 import torch
 from torch import nn
 
-from zetta_ray.actors.shm import SharedArena, SharedRows
-from zetta_ray.actors.snapshot import StagedSnapshot, restore_unit, stage_into, staged_nbytes, unit_snapshot
+from zetta_ray.actors.shm import SharedRows
+from zetta_ray.actors.snapshot import restore_unit, unit_snapshot
 from zetta_ray.actors.wire import from_wire, reply, to_wire, tree_from_wire, tree_to_wire
 from zetta_ray.checkpoint import Snapshot, decode_snapshot
 
@@ -49,8 +49,6 @@ class ComputeUnit:
         self.calls: Counter[str] = Counter()  # calls served, by phase
         self._grad_epoch = 0  # how many zero_grad() the controller has issued that we have applied
         self.rng_at_step: torch.Tensor | None = None  # torch's RNG state after the last optimizer step
-        self._staging_arena: SharedArena | None = None  # made at the first staged snapshot
-        self._staging: dict[int, SharedRows] = {}  # slot -> its region (see stage_snapshot)
 
     # -- dataflow -----------------------------------------------------------------------------------
 
@@ -216,35 +214,6 @@ class ComputeUnit:
         """
         ref = ray.put(self.snapshot(step, copy=False))  # the one copy, read by every pool
         return [pool.put.remote(self.unit_id, step, ref) for pool in pools]
-
-    def stage_snapshot(self, step: int, slot: int) -> StagedSnapshot | Snapshot:
-        """Copy this unit's snapshot after ``step`` steps into staging slot ``slot`` of shared memory and
-        return where it is (a descriptor of a few hundred bytes); the node's MemoryPool turns it into the
-        stored object (``MemoryPool.stage``). Each slot is reused, so its pages stay warm: the copy costs
-        a memcpy, where a snapshot written into Ray's object store costs page faults too.
-
-        The caller must not reuse ``slot`` before the pool has read it (the fault manager alternates two
-        slots and checks). Without shared memory the snapshot is returned by value, as ``snapshot`` does.
-        """
-        snapshot = self.snapshot(step, copy=False)
-        need = staged_nbytes(snapshot)
-        region = self._staging.get(slot)
-        if region is None or region.nbytes < need:
-            self._staging.pop(slot, None)  # its lease goes first, so that its segment can be reused
-            if self._staging_arena is None:
-                self._staging_arena = SharedArena.create()
-            region = self._staging_arena.empty((need,), np.uint8) if self._staging_arena else None
-            if region is None:
-                return snapshot
-            self._staging[slot] = region
-        return stage_into(snapshot, region)
-
-    def release_staging(self) -> None:
-        """Remove this unit's staging segments from ``/dev/shm`` (called before the unit is killed)."""
-        self._staging.clear()
-        if self._staging_arena is not None:
-            self._staging_arena.close()
-            self._staging_arena = None
 
     def restore(self, snapshot: Snapshot | bytes) -> int:
         """Load a snapshot (a ``Snapshot``, or encoded bytes whose every tensor's sha256 is checked);

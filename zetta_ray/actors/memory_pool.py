@@ -38,8 +38,6 @@ from typing import Any
 
 import ray
 
-from zetta_ray.actors.shm import release_dead_mappings
-from zetta_ray.actors.snapshot import StagedSnapshot, unstage
 from zetta_ray.checkpoint import Snapshot, read_manifest
 from zetta_ray.errors import ConfigError, ZettaError
 
@@ -146,17 +144,6 @@ class MemoryPool:
         self._sizes[key] = size
         self._used += size
         return size
-
-    def stage(self, staged: StagedSnapshot | Snapshot) -> Snapshot:
-        """The snapshot a unit on this node staged in shared memory (``ComputeUnit.stage_snapshot``), as
-        views of the unit's slot. Returned through Ray, the one copy is Ray's write of the return value
-        into the object store, made by this process: one writer per node keeps reusing object-store
-        pages it has touched, where each unit writing its own would fault on pages another unit freed.
-        The object belongs to the caller, who hands it to the pools that hold it (``put``). A snapshot
-        the unit sent by value (it had no shared memory) is returned as it is.
-        """
-        release_dead_mappings()  # slots of units that died since
-        return unstage(staged) if isinstance(staged, StagedSnapshot) else staged
 
     def get(self, unit: Owner, step: int | None = None) -> Held:
         """The blob of ``unit`` at ``step``, or its newest when ``step`` is None."""

@@ -42,15 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = [
-    "SharedArena",
-    "SharedRows",
-    "mapping",
-    "portable",
-    "read_rows",
-    "release_dead_mappings",
-    "write_rows",
-]
+__all__ = ["SharedArena", "SharedRows", "portable", "read_rows", "write_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +101,7 @@ class SharedRows:
 
     def array(self) -> np.ndarray:
         """The whole array, mapped in place (writable)."""
-        return np.ndarray(self.shape, self.dtype, buffer=mapping(self.segment), offset=self.offset)
+        return np.ndarray(self.shape, self.dtype, buffer=_mapping(self.segment), offset=self.offset)
 
     def tensor(self) -> torch.Tensor:
         """The whole array as a tensor that keeps the region alive for as long as it (or a view of it)
@@ -154,7 +146,7 @@ def portable(args: tuple[Any, ...]) -> tuple[Any, ...]:
     )
 
 
-def mapping(name: str) -> mmap.mmap:
+def _mapping(name: str) -> mmap.mmap:
     """This process's mapping of segment ``name`` (mapped on first use, kept for the process's life)."""
     mm = _MAPS.get(name)
     if mm is None:
@@ -173,26 +165,6 @@ def mapping(name: str) -> mmap.mmap:
                 finally:
                     os.close(fd)
     return mm
-
-
-def release_dead_mappings() -> int:
-    """Unmap and remove the segments this process mapped whose creator on this node no longer runs (a
-    MemoryPool maps the staging slots of units that may be killed before they remove them); return how
-    many were released. A mapping that arrays still view stays until the next call."""
-    released = 0
-    with _MAPS_LOCK:
-        for name, mm in list(_MAPS.items()):
-            m = _NAME.match(name)
-            if m is None or _pid_alive(int(m.group(1))):
-                continue
-            try:
-                mm.close()
-            except BufferError:  # still viewed
-                continue
-            del _MAPS[name]
-            _unlink(name)
-            released += 1
-    return released
 
 
 class _Segment:

@@ -26,22 +26,17 @@ The step is the number of optimizer steps completed, as in ``checkpoint.Snapshot
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from zetta_ray.actors.shm import SharedRows, mapping
 from zetta_ray.checkpoint import Snapshot
-from zetta_ray.checkpoint.snapshot import SNAPSHOT_FIELDS
 
 if TYPE_CHECKING:
     from zetta_ray.actors.compute_unit import ComputeUnit
 
-__all__ = ["StagedSnapshot", "restore_unit", "stage_into", "staged_nbytes", "unit_snapshot", "unstage"]
-
-_ALIGN = 64
+__all__ = ["restore_unit", "unit_snapshot"]
 
 
 def unit_snapshot(unit: ComputeUnit, step: int, *, copy: bool = True) -> Snapshot:
@@ -66,103 +61,6 @@ def unit_snapshot(unit: ComputeUnit, step: int, *, copy: bool = True) -> Snapsho
             "optimizer_class": type(optimizer).__name__ if optimizer is not None else None,
         },
     )
-
-
-# -- staging through shared memory -----------------------------------------------------------------------
-#
-# Each snapshot written straight into Ray's object store costs the writing unit a page fault for every
-# object-store page it has not touched before, and a region freed by one unit's snapshot is handed to
-# whichever process asks next: with 8 units each snapshot round faulted ~235 MB of pages (BENCHMARKS.md).
-# So a unit copies its state into a slot of shared memory it reuses (its pages stay warm), and one
-# process per node, the node's MemoryPool, turns the slot into the object that the pools hold
-# (``MemoryPool.stage``): a single writer keeps getting back object-store pages it touched already.
-
-
-@dataclass(frozen=True, slots=True)
-class _Placed:
-    """An array that sits at byte ``offset`` of a staged snapshot's segment."""
-
-    offset: int
-    shape: tuple[int, ...]
-    dtype: str
-
-
-@dataclass(frozen=True, slots=True)
-class StagedSnapshot:
-    """A ``Snapshot`` whose arrays were copied into shared segment ``segment``: its fields with every
-    array replaced by its place there. A few hundred bytes on the wire; ``unstage`` rebuilds the
-    snapshot as views of the segment (valid until the unit's next write into the same slot)."""
-
-    step: int
-    segment: str
-    nbytes: int
-    fields: dict[str, Any]
-
-
-def staged_nbytes(snapshot: Snapshot) -> int:
-    """Bytes of a slot that holds ``snapshot``'s arrays, each aligned as ``stage_into`` places it."""
-    return sum(-(-a.nbytes // _ALIGN) * _ALIGN for a in _arrays(snapshot))
-
-
-def stage_into(snapshot: Snapshot, slot: SharedRows) -> StagedSnapshot:
-    """Copy ``snapshot``'s arrays into ``slot`` (a uint8 region of at least ``staged_nbytes`` bytes)."""
-    need = staged_nbytes(snapshot)
-    if slot.nbytes < need:
-        raise ValueError(f"staging slot {slot!r} holds {slot.nbytes} bytes, the snapshot needs {need}")
-    buf = mapping(slot.segment)
-    top = slot.offset
-
-    def place(a: np.ndarray) -> _Placed:
-        nonlocal top
-        _view(buf, top, a.shape, a.dtype)[...] = a
-        placed = _Placed(top, a.shape, a.dtype.str)
-        top += -(-a.nbytes // _ALIGN) * _ALIGN
-        return placed
-
-    fields = {name: _map_arrays(getattr(snapshot, name), place) for name in SNAPSHOT_FIELDS}
-    return StagedSnapshot(snapshot.step, slot.segment, need, fields)
-
-
-def unstage(staged: StagedSnapshot) -> Snapshot:
-    """The snapshot ``staged`` describes, its arrays views of the shared segment (no copy)."""
-    buf = mapping(staged.segment)
-
-    def view(node: Any) -> Any:
-        if isinstance(node, _Placed):
-            return _view(buf, node.offset, node.shape, node.dtype)
-        if isinstance(node, dict):
-            return {k: view(v) for k, v in node.items()}
-        if isinstance(node, (list, tuple)):
-            return type(node)(view(v) for v in node)
-        return node
-
-    fields = {name: view(value) for name, value in staged.fields.items()}
-    return Snapshot(step=staged.step, **fields)
-
-
-def _view(buf: Any, offset: int, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """An array over ``buf`` that holds a buffer export (np.frombuffer does; np.ndarray(buffer=) does
-    not), so the mapping cannot be closed under it (``shm.release_dead_mappings``)."""
-    count = int(np.prod(shape, dtype=np.int64))
-    return np.frombuffer(buf, dtype, count=count, offset=offset).reshape(shape)
-
-
-def _arrays(snapshot: Snapshot) -> list[np.ndarray]:
-    found: list[np.ndarray] = []
-    for name in SNAPSHOT_FIELDS:
-        _map_arrays(getattr(snapshot, name), lambda a: found.append(a))
-    return found
-
-
-def _map_arrays(node: Any, fn: Any) -> Any:
-    """``node`` with every numpy array ``a`` in it replaced by ``fn(a)``, in a fixed (insertion) order."""
-    if isinstance(node, np.ndarray):
-        return fn(node)
-    if isinstance(node, dict):
-        return {k: _map_arrays(v, fn) for k, v in node.items()}
-    if isinstance(node, (list, tuple)):
-        return type(node)(_map_arrays(v, fn) for v in node)
-    return node
 
 
 def _rng_at_step(unit: ComputeUnit) -> torch.Tensor:

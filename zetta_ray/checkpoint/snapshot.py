@@ -52,7 +52,7 @@ __all__ = [
 
 _META_KEY = "zetta_ray"
 _VERSION = "v1"
-SNAPSHOT_FIELDS = ("tensors", "optimizer", "rng", "data_position", "mesh", "extra")
+_FIELDS = ("tensors", "optimizer", "rng", "data_position", "mesh", "extra")
 _DTYPES = frozenset(
     np.dtype(t).newbyteorder("<").str
     for t in (np.bool_, np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64)
@@ -95,7 +95,7 @@ class Snapshot:
     @property
     def nbytes(self) -> int:
         """Bytes of every array in the snapshot (its tensors and the arrays in its trees)."""
-        return sum(_tree_nbytes(getattr(self, name)) for name in SNAPSHOT_FIELDS)
+        return sum(_tree_nbytes(getattr(self, name)) for name in _FIELDS)
 
 
 def _tree_nbytes(node: Any) -> int:
@@ -154,7 +154,7 @@ def encode_snapshot(snapshot: Snapshot) -> bytes:
 
     Raises ``SnapshotFormatError`` naming the path of a value that cannot be stored exactly.
     """
-    tree = {name: getattr(snapshot, name) for name in SNAPSHOT_FIELDS}
+    tree = {name: getattr(snapshot, name) for name in _FIELDS}
     skeleton, arrays = flatten(tree)
     entries = []
     contiguous: dict[str, np.ndarray] = {}

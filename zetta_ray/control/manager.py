@@ -6,9 +6,7 @@ it (``decide_replica_nodes``, ``decide_recovery``, ``ReplayLog``). The protocol 
 1. Every call that changes a unit's state is journaled before it is sent (the runtime's ``journal``).
 2. After every ``every``-th optimizer step the manager asks each unit for a snapshot (sent right after
    the unit's ``step`` call, so it captures exactly that state) and has R MemoryPool actors on other
-   nodes hold it. The unit copies its state into a shared-memory slot and the pool on its node writes
-   it into the object store (``_staging_slot``, docs/recovery.md). Nobody waits: acknowledgements are
-   collected at the next step.
+   nodes copy it. Nobody waits: acknowledgements are collected at the next step.
 3. When every unit's snapshot of step ``s`` is stored on all its replicas, the journal drops the calls
    before ``s`` and the pools drop older snapshots.
 4. When a unit fails (its actor or node died, or a call missed its deadline), the runtime hands the
@@ -81,7 +79,6 @@ class _Put:
     ref: ray.ObjectRef
     sent: float
     round: _SnapshotRound
-    stager: str | None = None  # the pool that made the object from the unit's staged copy, if any
 
 
 @dataclass(slots=True)
@@ -132,10 +129,6 @@ class FaultManager:
         self._puts: list[_Put] = []
         self._rounds: list[_SnapshotRound] = []
         self._targets: dict[tuple[Any, ...], tuple[tuple[str, str], ...]] = {}
-        # Staging (ComputeUnit.stage_snapshot): per unit, the stage() result last made from each slot.
-        self._slots: dict[int, list[ray.ObjectRef | None]] = {}
-        self.snapshots_staged = 0  # unit snapshots that went through a staging slot
-        self.snapshots_direct = 0  # and those the unit wrote into the object store itself
         self.committed_step = -1  # the newest step whose snapshots are stored on all their replicas
         self.durable = (
             DurableCheckpointer(config, deadline_s=deadline_s) if config.durable_uri is not None else None
@@ -177,23 +170,15 @@ class FaultManager:
         step = runtime.step
         round_ = _SnapshotRound(step, partial=units is not None)
         now = time.monotonic()
-        staging = getattr(getattr(runtime, "cfg", None), "shared_memory", False)
         for u, unit in enumerate(runtime.units):
             if units is not None and u not in units:
                 continue
-            stager, slot = self._staging_slot(u) if staging else (None, None)
-            if stager is None:
-                blob = unit.snapshot.remote(step, False)  # owned here; the unit writes it once
-                self.snapshots_direct += 1
-            else:  # the unit copies into a warm slot; its node's pool writes the object (owned here)
-                blob = self.pools[stager].stage.remote(unit.stage_snapshot.remote(step, slot))
-                self._slots[u][slot] = blob
-                self.snapshots_staged += 1
+            blob = unit.snapshot.remote(step, False)  # owned here; the unit writes it once, pools hold it
             targets = self._replica_targets(u)
             round_.waiting[u] = len(targets)
             for pool, node in targets:
                 ref = self.pools[pool].put.remote(u, step, blob)
-                self._puts.append(_Put(u, step, pool, node, ref, now, round_, stager))
+                self._puts.append(_Put(u, step, pool, node, ref, now, round_))
         self._rounds.append(round_)
         if wait:
             deadline = time.monotonic() + self.deadline_s
@@ -204,22 +189,6 @@ class FaultManager:
                     f"the step-{step} snapshot was not stored within {self.deadline_s:g} s "
                     f"(acknowledgements missing: {round_.waiting}); check the MemoryPool actors"
                 )
-
-    def _staging_slot(self, u: int) -> tuple[str | None, int | None]:
-        """The pool on unit ``u``'s node that stages its snapshot, and a slot of the unit that pool has
-        finished reading (two alternate, so the unit never overwrites a slot still being read); (None,
-        None) when there is no live pool on that node or both slots are still in use: the unit then
-        writes its snapshot into the object store itself."""
-        node = self.unit_nodes[u]
-        stager = next((p for p, n in self.pool_nodes.items() if n == node and p not in self.dead_pools), None)
-        if stager is None:
-            return None, None
-        slots = self._slots.setdefault(u, [None, None])
-        for slot in sorted(range(2), key=lambda i: slots[i] is not None):  # a never-used slot first
-            ref = slots[slot]
-            if ref is None or ray.wait([ref], timeout=0)[0]:
-                return stager, slot
-        return None, None
 
     def _replica_targets(self, u: int) -> tuple[tuple[str, str], ...]:
         """Where unit ``u``'s next snapshot goes; decided again only when the pools change.
@@ -271,9 +240,8 @@ class FaultManager:
                     put.pool,
                     str(e).splitlines()[0],
                 )
-                for pool in {put.pool, put.stager} - {None}:
-                    if pool not in self.dead_pools and not self._pool_alive(pool):
-                        self._replace_pool(pool)
+                if put.pool not in self.dead_pools and not self._pool_alive(put.pool):
+                    self._replace_pool(put.pool)
                 continue
             self.acked.setdefault(put.unit, []).append(Replica(put.pool, put.node, put.step))
             put.round.waiting[put.unit] -= 1
@@ -426,7 +394,6 @@ class FaultManager:
         fresh = {id(call): getattr(new, call.method).remote(*portable(call.args)) for call in replay}
         runtime.units[u] = new
         self.unit_nodes[u] = node
-        self._slots.pop(u, None)  # the replacement has slots of its own
         # Snapshot the replacement at once (Ray runs it after the replayed calls): until then its
         # newest stored state is the one just restored, and losing it again would replay more.
         if replica.step < runtime.step:

@@ -350,12 +350,6 @@ class ExpertRuntime:
         return self._gather(self._each("ping", "control"))
 
     def close(self) -> None:
-        # A killed actor runs no cleanup: ask the units to remove their snapshot staging segments first
-        # (a unit that does not answer in time leaves them to the next arena's sweep of dead processes).
-        if self.units:
-            ray.wait(
-                [u.release_staging.remote() for u in self.units], num_returns=len(self.units), timeout=2.0
-            )
         for unit in self.units:
             ray.kill(unit, no_restart=True)
         self.units = []
