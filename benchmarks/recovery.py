@@ -9,7 +9,7 @@
    step, p50 and p95 over ``--kills`` kills (target <= 5 s), and the steps redone (snapshot step vs the
    step in progress; target 0, never more than 1).
 
-    python benchmarks/recovery.py [--steps 6] [--rounds 2] [--kills 5] [--batches 8 64]
+    python benchmarks/recovery.py [--steps 4] [--rounds 6] [--warmup 1] [--kills 5] [--batches 8 64]
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ def _step(dm, opt, x, y) -> float:
     return time.perf_counter() - start
 
 
-def overhead(d_model: int, steps: int, warmup: int, rounds: int, batch_size: int = 8) -> dict:
+def overhead(
+    d_model: int, steps: int, warmup: int, rounds: int, batch_size: int = 8, first_warmup: int = 4
+) -> dict:
     g = torch.Generator().manual_seed(0)
     batch = torch.randint(0, 256, (batch_size, 129), generator=g)
     x, y = batch[:, :-1], batch[:, 1:]
@@ -63,10 +65,11 @@ def overhead(d_model: int, steps: int, warmup: int, rounds: int, batch_size: int
     }
     try:
         opts = {k: m.optimizer(torch.optim.AdamW, lr=1e-3) for k, m in mods.items()}
-        for _ in range(rounds):
+        for r in range(rounds):  # short interleaved blocks: drift on a shared machine hits both alike
+            skip = first_warmup if r == 0 else warmup  # a block's first steps may carry the other's spill
             for k, m in mods.items():
-                times = [_step(m, opts[k], x, y) for _ in range(warmup + steps)]
-                runs.setdefault(k, []).extend(times[warmup:])
+                times = [_step(m, opts[k], x, y) for _ in range(skip + steps)]
+                runs.setdefault(k, []).extend(times[skip:])
     finally:
         for m in mods.values():
             m.close()
@@ -116,9 +119,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4, help="measured steps per module per round")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps at a round's start")
+    parser.add_argument("--first-warmup", type=int, default=4, help="unmeasured steps of the first round")
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument(
         "--batches",
@@ -131,8 +135,9 @@ def main() -> None:
     zr.init()
     torch.set_num_threads(2)
     for batch_size in args.batches:
-        print(json.dumps(overhead(512, args.steps, args.warmup, args.rounds, batch_size)), flush=True)
-    print(json.dumps(overhead(256, args.steps, args.warmup, args.rounds)), flush=True)
+        result = overhead(512, args.steps, args.warmup, args.rounds, batch_size, args.first_warmup)
+        print(json.dumps(result), flush=True)
+    print(json.dumps(overhead(256, args.steps, args.warmup, args.rounds, 8, args.first_warmup)), flush=True)
     print(json.dumps(recovery(args.kills)), flush=True)
 
 

@@ -1,13 +1,19 @@
-"""What one trickle snapshot round costs, in CPU, against the floor: one memcpy of the same bytes.
+"""What a trickle snapshot after every step costs a training step, in CPU, by process.
 
-A d_model=512 MoE transformer (the same model as benchmarks/recovery.py) on 4 units trains a few steps;
-then the fault manager snapshots every unit ``--rounds`` times in a row (``FaultManager.snapshot(wait=
-True)``: each unit writes its state into the object store once, R=2 pools hold it). From /proc, per
-round: the CPU seconds and minor page faults of the units, the pools and the controller, and the wall
-time. The floor is a plain numpy copy of as many bytes, warm (the same buffers copied again and again)
-and cold (into freshly allocated memory), timed in this process. Prints one JSON object.
+Two copies of the same d_model=512 MoE transformer (benchmarks/recovery.py's model, 4 units each) train
+side by side, one with a snapshot of every unit after every step (the default) and one with
+``checkpoint=False``, in interleaved blocks of steps. For each measured step the script reads, from
+/proc, the CPU seconds and minor page faults of that module's units, its MemoryPool actors and the
+controller, after a short pause so that the snapshot's asynchronous work (the units' write into the
+object store, the pools' puts) is counted in the step that caused it. The snapshot's cost is the
+difference of the medians, in CPU seconds per step and as a share of the step's CPU; the floor is a
+plain warm memcpy of the same bytes, timed here.
 
-    python benchmarks/snapshot_cost.py [--rounds 10] [--train-steps 10]
+CPU seconds drift less than wall time on a shared machine, and on a machine whose cores are all busy
+training (2 cores here), extra CPU is extra step time: the share is the overhead to expect, which
+benchmarks/recovery.py measures directly as a wall-time ratio.
+
+    python benchmarks/snapshot_cost.py [--batch-size 8] [--rounds 3] [--steps 6] [--warmup 4]
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from recovery import _model, _step
 import zetta_ray as zr
 
 TICKS = os.sysconf("SC_CLK_TCK")
+PAUSE_S = 0.3  # after each step: the snapshot's asynchronous work finishes inside the measured window
 
 
 def _proc(pid: int) -> tuple[int, float]:
@@ -35,59 +42,77 @@ def _proc(pid: int) -> tuple[int, float]:
     return int(fields[7]), (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def _copy_ms(nbytes: int, warm: bool, repeats: int = 5) -> float:
+def _copy_ms(nbytes: int, repeats: int = 5) -> float:
+    """A warm memcpy of ``nbytes``: the same buffers copied again and again."""
     src = np.ones(nbytes // 4, np.float32)
     dst = np.empty_like(src)
-    dst[:] = src  # warm: touched once before timing
+    dst[:] = src
     times = []
     for _ in range(repeats):
-        if not warm:
-            dst = np.empty_like(src)  # fresh pages: faulted in by the copy
         start = time.perf_counter()
         np.copyto(dst, src)
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
 
 
+def _pids(dm: zr.DistributedModule) -> dict[str, list[int]]:
+    pools = dm._faults.pools.values() if dm._faults is not None else []
+    return {
+        "units": [p["pid"] for p in dm._runtime.ping()],
+        "pools": [ray.get(p.stats.remote(), timeout=60)["pid"] for p in pools],
+        "controller": [os.getpid()],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--train-steps", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences of 128 tokens per step")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6, help="measured steps per module per round")
+    parser.add_argument("--warmup", type=int, default=4, help="unmeasured steps at the start of a round")
     args = parser.parse_args()
     zr.init()
     torch.set_num_threads(2)
     g = torch.Generator().manual_seed(0)
-    batch = torch.randint(0, 256, (8, 129), generator=g)
+    batch = torch.randint(0, 256, (args.batch_size, 129), generator=g)
     x, y = batch[:, :-1], batch[:, 1:]
-    with zr.parallelize(
-        _model(512), zr.ExpertParallel(degree=4), slice=zr.SliceRequest(units=4, unit_cpus=0.25)
-    ) as dm:
-        opt = dm.optimizer(torch.optim.AdamW, lr=1e-3)
-        for _ in range(args.train_steps):  # optimizer state exists, object store in use
-            _step(dm, opt, x, y)
-        runtime, faults = dm._runtime, dm._faults
-        units = [p["pid"] for p in runtime.ping()]
-        pools = [ray.get(p.stats.remote(), timeout=60)["pid"] for p in faults.pools.values()]
-        nbytes = sum(len(np.asarray(a).tobytes()) for a in runtime.state_dict().values()) * 3  # + 2 moments
-        groups = {"units": units, "pools": pools, "controller": [os.getpid()]}
-        before = {k: [_proc(p) for p in pids] for k, pids in groups.items()}
-        start = time.perf_counter()
+    half = zr.SliceRequest(units=4, unit_cpus=0.25)  # both modules live at once on 2 CPUs
+    mods = {
+        "none": zr.parallelize(_model(512), zr.ExpertParallel(degree=4), slice=half, checkpoint=False),
+        "every_step": zr.parallelize(_model(512), zr.ExpertParallel(degree=4), slice=half),
+    }
+    samples: dict[str, dict[str, list[float]]] = {k: {} for k in mods}
+    try:
+        opts = {k: m.optimizer(torch.optim.AdamW, lr=1e-3) for k, m in mods.items()}
+        pids = {k: _pids(m) for k, m in mods.items()}
+        nbytes = sum(a.nbytes for a in mods["none"]._runtime.state_dict().values()) * 3  # + 2 moments
         for _ in range(args.rounds):
-            faults.snapshot(runtime, wait=True)
-        wall = (time.perf_counter() - start) / args.rounds
-        after = {k: [_proc(p) for p in pids] for k, pids in groups.items()}
-    per_round = {
-        k: {
-            "cpu_s": round(
-                sum(a[1] - b[1] for a, b in zip(after[k], before[k], strict=True)) / args.rounds, 4
-            ),
-            "minor_faults": round(
-                sum(a[0] - b[0] for a, b in zip(after[k], before[k], strict=True)) / args.rounds
-            ),
-        }
-        for k in groups
+            for k, m in mods.items():
+                for i in range(args.warmup + args.steps):
+                    before = {group: [_proc(p) for p in ps] for group, ps in pids[k].items()}
+                    wall = _step(m, opts[k], x, y)
+                    time.sleep(PAUSE_S)
+                    after = {group: [_proc(p) for p in ps] for group, ps in pids[k].items()}
+                    if i < args.warmup:
+                        continue
+                    s = samples[k]
+                    s.setdefault("wall_s", []).append(wall)
+                    for group in before:
+                        pairs = list(zip(after[group], before[group], strict=True))
+                        s.setdefault(f"{group}_cpu_s", []).append(sum(a[1] - b[1] for a, b in pairs))
+                        s.setdefault(f"{group}_faults", []).append(sum(a[0] - b[0] for a, b in pairs))
+    finally:
+        for m in mods.values():
+            m.close()
+    med = {k: {name: statistics.median(v) for name, v in s.items()} for k, s in samples.items()}
+    for m in med.values():
+        m["total_cpu_s"] = m["units_cpu_s"] + m["pools_cpu_s"] + m["controller_cpu_s"]
+    extra = {
+        name: round(med["every_step"][name] - med["none"][name], 4)
+        for name in med["none"]
+        if name.endswith("cpu_s") or name.endswith("faults")
     }
     print(
         json.dumps(
@@ -95,13 +120,13 @@ def main() -> None:
                 "benchmark": "snapshot_cost",
                 "d_model": 512,
                 "units": 4,
-                "replicas": faults.config.replicas,
-                "rounds": args.rounds,
-                "snapshot_bytes_per_round": nbytes,
-                "wall_s_per_round": round(wall, 4),
-                "per_round": per_round,
-                "memcpy_warm_ms": round(_copy_ms(nbytes, warm=True), 1),
-                "memcpy_cold_ms": round(_copy_ms(nbytes, warm=False), 1),
+                "tokens_per_step": args.batch_size * 128,
+                "steps_measured": len(samples["none"]["wall_s"]),
+                "snapshot_bytes_per_step": nbytes,
+                "median_per_step": {k: {n: round(v, 4) for n, v in m.items()} for k, m in med.items()},
+                "snapshot_extra_per_step": extra,
+                "snapshot_share_of_step_cpu": round(extra["total_cpu_s"] / med["none"]["total_cpu_s"], 4),
+                "memcpy_warm_ms": round(_copy_ms(nbytes), 1),
             }
         ),
         flush=True,
