@@ -7,7 +7,7 @@ per-step trickle snapshots (``ratio_with_snapshots``; their own cost is benchmar
 subject). Prints one JSON object per model size with the median step times after warm-up and the
 ratios (zetta_ray / plain; lower is better, 1.0 means no overhead).
 
-    python benchmarks/step_time.py [--steps 7] [--warmup 2] [--rounds 2]
+    python benchmarks/step_time.py [--steps 3] [--warmup 1] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ def _time_steps(model, opt, x, n: int) -> list[float]:
     return times
 
 
-def measure(d_model: int, d_ff: int, steps: int, warmup: int, rounds: int, threads: int) -> dict:
+def measure(
+    d_model: int, d_ff: int, steps: int, warmup: int, rounds: int, threads: int, first_warmup: int = 2
+) -> dict:
     torch.manual_seed(0)
     x = torch.randn(1, TOKENS, d_model)
     plain = OneMoELayer(d_model, d_ff)
@@ -66,11 +68,14 @@ def measure(d_model: int, d_ff: int, steps: int, warmup: int, rounds: int, threa
             )
             modules[name] = (dmodel, dmodel.optimizer(torch.optim.AdamW, lr=1e-3))
         times: dict[str, list[float]] = {"plain": [], **{name: [] for name in modules}}
-        for _ in range(rounds):  # interleave, so drift on a shared machine hits every side alike
+        for r in range(
+            rounds
+        ):  # short interleaved blocks, so drift on a shared machine hits every side alike
+            skip = first_warmup if r == 0 else warmup
             torch.set_num_threads(threads)
-            times["plain"] += _time_steps(plain, plain_opt, x, warmup + steps)[warmup:]
+            times["plain"] += _time_steps(plain, plain_opt, x, skip + steps)[skip:]
             for name, (dmodel, dopt) in modules.items():
-                times[name] += _time_steps(dmodel, dopt, x, warmup + steps)[warmup:]
+                times[name] += _time_steps(dmodel, dopt, x, skip + steps)[skip:]
     finally:
         for dmodel, _ in modules.values():
             dmodel.close()
@@ -96,15 +101,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3, help="measured steps per side per round")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps at a round's start")
+    parser.add_argument("--first-warmup", type=int, default=2, help="unmeasured steps of the first round")
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     zr.init()
     for d_model, d_ff in ((512, 2048), (256, 1024)):
         print(
-            json.dumps(measure(d_model, d_ff, args.steps, args.warmup, args.rounds, args.threads)), flush=True
+            json.dumps(
+                measure(d_model, d_ff, args.steps, args.warmup, args.rounds, args.threads, args.first_warmup)
+            ),
+            flush=True,
         )
 
 
