@@ -324,20 +324,24 @@ class FaultManager:
         while self._puts and time.monotonic() < deadline:
             self._collect(wait_s=0.05)
         errors = {u: error if u == error.unit else _lost_with_node(runtime, u, error) for u in lost}
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}  # again: the wait above may be long
         started: dict[int, _Restoring] = {}
         try:
             for u in lost:  # all replacements boot at the same time
-                started[u] = self._begin(runtime, u, errors[u])
+                started[u] = self._begin(runtime, u, errors[u], alive)
+            for u in lost:
+                self._finish(runtime, u, errors[u], calls, start, started[u])
         except RecoveryFailed:
-            for begun in started.values():  # no orphan actors when the job cannot go on
-                ray.kill(begun.new, no_restart=True)
+            for u, begun in started.items():  # no orphan actors when the job cannot go on
+                if runtime.units[u] is not begun.new:
+                    ray.kill(begun.new, no_restart=True)
             raise
-        for u in lost:
-            self._finish(runtime, u, errors[u], calls, start, started[u])
 
-    def _begin(self, runtime: Any, u: int, error: UnitFault) -> _Restoring:
-        """Decide where unit ``u`` goes, start its replacement and send the restore; do not wait."""
-        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    def _begin(self, runtime: Any, u: int, error: UnitFault, alive: set[str] | None = None) -> _Restoring:
+        """Decide where unit ``u`` goes, start its replacement and send the restore; do not wait.
+        ``alive``: the live nodes, when the caller has just asked (else asked here)."""
+        if alive is None:
+            alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         old_node = self.unit_nodes[u]
         fault = fault_from_error(error, node=old_node, node_alive=old_node in alive)
         self.dead_pools |= {p for p, n in self.pool_nodes.items() if n not in alive}
