@@ -329,11 +329,17 @@ class ClusterNodeKiller:
 
 @contextmanager
 def local_cluster(
-    workers: int, *, units: dict[str, float] | None = None, cpus_per_worker: int = 1
+    workers: int,
+    *,
+    units: dict[str, float] | None = None,
+    cpus_per_worker: int = 1,
+    system_config: dict[str, Any] | None = FAST_HEALTH_CHECKS,
 ) -> Iterator[Cluster]:
     """An in-process multi-node cluster, connected, and shut down on exit: a head node (the driver,
     no units) and ``workers`` worker nodes, each declaring ``units`` (e.g. ``{"npu": 2}``) as custom
-    resources so that the slice's units go there. Health checks are ``FAST_HEALTH_CHECKS``.
+    resources so that the slice's units go there. ``system_config`` is the head node's Ray
+    ``_system_config``: ``FAST_HEALTH_CHECKS`` by default, ``None`` for Ray's own health checks (a
+    killed node is declared dead after about 15 s).
 
     Every node runs on this machine: it tests recovery from the death of a node's processes, not of
     its network or power.
@@ -346,7 +352,7 @@ def local_cluster(
             "ray.shutdown() first, or kill nodes of the connected cluster with RayletKiller (--address)"
         )
     saved = os.environ.pop("RAY_ADDRESS", None)  # ray.init exports it; a stale one must not be joined
-    system = dict(FAST_HEALTH_CHECKS)  # a copy: Ray adds its own keys to the config it is given
+    system = dict(system_config or {})  # a copy: Ray adds its own keys to the config it is given
     try:
         cluster = Cluster(
             initialize_head=True,

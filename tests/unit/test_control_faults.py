@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import ray.exceptions
 
@@ -75,3 +77,17 @@ def test_invalid_faults_are_named(kwargs, match):
 def test_many_experts_are_shortened():
     fault = Fault(kind="unit", unit=0, experts=tuple((0, e) for e in range(10)), step=0, phase="forward")
     assert fault.who.endswith("L0/E7 (+2 more)])")
+
+
+def test_raylet_probe_tells_a_listening_raylet_from_a_dead_one():
+    """The probe behind ``FaultManager._live_nodes``: a node whose raylet port accepts is alive, one
+    whose port refuses (the raylet was killed; the cluster has not noticed yet) is dead."""
+    from zetta_ray.control.manager import _raylet_answers
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        assert _raylet_answers({"NodeManagerAddress": "127.0.0.1", "NodeManagerPort": port})
+    # closed now: nothing listens on the port, the kernel refuses the connection at once
+    assert not _raylet_answers({"NodeManagerAddress": "127.0.0.1", "NodeManagerPort": port})

@@ -102,8 +102,9 @@ class Fault:
 
 
 def fault_from_error(err: UnitFault, *, node: str | None = None, node_alive: bool = True) -> Fault:
-    """The record of a runtime error. ``node`` is where the unit ran; ``node_alive=False`` when the
-    cluster reports that node dead (then the fault is a node fault: its replicas there are gone too).
+    """The record of a runtime error. ``node`` is where the unit ran; ``node_alive=False`` when that
+    node is dead (the cluster says so, or its raylet does not answer): then the fault is a node fault,
+    and its replicas there are gone too.
     """
     if isinstance(err, DeadlineExceeded):
         kind: FaultKind = "deadline"

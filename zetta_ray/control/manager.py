@@ -19,6 +19,7 @@ it (``decide_replica_nodes``, ``decide_recovery``, ``ReplayLog``). The protocol 
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,7 @@ __all__ = ["FaultManager", "RecoveryEvent", "RecoveryFailed"]
 logger = logging.getLogger(__name__)
 
 _MAX_ATTEMPTS = 5  # recoveries of one unit within one wait before giving up
+_PROBE_TIMEOUT_S = 2.0  # a raylet that does not accept a connection in this long is taken for dead
 
 
 class RecoveryFailed(ZettaError):
@@ -92,6 +94,18 @@ class _Restoring:
     restored: ray.ObjectRef
 
 
+def _raylet_answers(node: dict[str, Any]) -> bool:
+    """Whether the raylet of ``node`` (a ``ray.nodes()`` entry) accepts a TCP connection. The kernel
+    accepts for a live raylet however busy it is; a killed one refuses at once, a dead host times out."""
+    try:
+        with socket.create_connection(
+            (node["NodeManagerAddress"], node["NodeManagerPort"]), timeout=_PROBE_TIMEOUT_S
+        ):
+            return True
+    except OSError:
+        return False
+
+
 def _lost_with_node(runtime: Any, u: int, error: UnitFault) -> UnitFailed:
     """The fault of unit ``u``, lost because the node of ``error``'s unit died."""
     cause = RuntimeError(f"its node died with unit {error.unit} ({error})")
@@ -125,6 +139,7 @@ class FaultManager:
         self.pools: dict[str, Any] = {}
         self.pool_nodes: dict[str, str] = {}
         self.dead_pools: set[str] = set()
+        self.dead_nodes: set[str] = set()  # found dead before the cluster said so (see _live_nodes)
         self.full_pools: set[str] = set()
         self._puts: list[_Put] = []
         self._rounds: list[_SnapshotRound] = []
@@ -133,7 +148,7 @@ class FaultManager:
         self.durable = (
             DurableCheckpointer(config, deadline_s=deadline_s) if config.durable_uri is not None else None
         )
-        for node in sorted({n["NodeID"] for n in ray.nodes() if n["Alive"]}):
+        for node in sorted(self._live_nodes()):
             self._start_pool(node, pool_limit_bytes)
         try:  # pools start while the units do; a unit lost before its first snapshot is unrecoverable
             ray.get([h.ping.remote() for h in self.pools.values()], timeout=max(deadline_s, 120.0))
@@ -255,6 +270,22 @@ class FaultManager:
             self._rounds = [r for r in self._rounds if r.step > newest]
             self._commit(newest)
 
+    def _live_nodes(self, suspect: str | None = None) -> set[str]:
+        """The nodes the cluster reports alive, less the ones found dead here.
+
+        ``suspect`` is the node of an actor that just failed. The cluster declares a node dead only
+        after its health checks miss (1.5 s to 15 s, by its settings); until then a unit lost with its
+        node looks like a unit lost alone, and its node's other units and replicas look usable. So the
+        suspect's raylet is asked directly: one that refuses a connection is dead now, and stays dead
+        (Ray gives a restarted raylet a new node id)."""
+        nodes = ray.nodes()
+        alive = {n["NodeID"] for n in nodes if n["Alive"]} - self.dead_nodes
+        if suspect in alive and not _raylet_answers(next(n for n in nodes if n["NodeID"] == suspect)):
+            logger.warning("node %s: its raylet does not answer; taking the node for dead", suspect)
+            self.dead_nodes.add(suspect)
+            alive.discard(suspect)
+        return alive
+
     def _pool_alive(self, pool: str) -> bool:
         try:
             ray.get(self.pools[pool].ping.remote(), timeout=5.0)
@@ -267,7 +298,7 @@ class FaultManager:
         the next snapshots."""
         self.dead_pools.add(pool)
         node = self.pool_nodes[pool]
-        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        alive = self._live_nodes(suspect=node)
         logger.warning("MemoryPool %s died; %s", pool, "starting a new one" if node in alive else "node gone")
         if node in alive:
             self._start_pool(node, self.pool_limit_bytes)
@@ -311,8 +342,8 @@ class FaultManager:
         and the decision is taken again.
         """
         start = time.monotonic()
-        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         node = self.unit_nodes[error.unit]
+        alive = self._live_nodes(suspect=node)
         lost = [error.unit]
         if node not in alive:
             lost += [v for v, n in enumerate(self.unit_nodes) if n == node and v != error.unit]
@@ -324,7 +355,7 @@ class FaultManager:
         while self._puts and time.monotonic() < deadline:
             self._collect(wait_s=0.05)
         errors = {u: error if u == error.unit else _lost_with_node(runtime, u, error) for u in lost}
-        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}  # again: the wait above may be long
+        alive = self._live_nodes()  # again: the wait above may be long
         started: dict[int, _Restoring] = {}
         try:
             for u in lost:  # all replacements boot at the same time
@@ -341,7 +372,7 @@ class FaultManager:
         """Decide where unit ``u`` goes, start its replacement and send the restore; do not wait.
         ``alive``: the live nodes, when the caller has just asked (else asked here)."""
         if alive is None:
-            alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+            alive = self._live_nodes()
         old_node = self.unit_nodes[u]
         fault = fault_from_error(error, node=old_node, node_alive=old_node in alive)
         self.dead_pools |= {p for p, n in self.pool_nodes.items() if n not in alive}
