@@ -2,7 +2,9 @@
 
 1. Overhead: the same MoE training step with a snapshot of every unit after every step
    (``TrickleCheckpoint(every=1)``) against none (``checkpoint=False``), same run, interleaved rounds,
-   median after warm-up; the ratio is the overhead (target <= 1.03 at d_model=512). A snapshot costs
+   median after warm-up; the ratio is the overhead (target <= 1.03 at d_model=512). Rounds alternate
+   which module goes first. ``--control`` adds an A/A run (snapshots off on both sides) after each
+   one: on a shared machine a single ratio moves by a few percent with no change at all. A snapshot costs
    about the same at any batch size (it copies the units' state), while a step's work grows with its
    tokens, so the overhead is reported at several batch sizes (``--batches``).
 2. Recovery: a unit actor is killed at a step; the time from the kill to the end of the next completed
@@ -10,6 +12,7 @@
    step in progress; target 0, never more than 1).
 
     python benchmarks/recovery.py [--steps 4] [--rounds 6] [--warmup 1] [--kills 5] [--batches 8 64]
+                                  [--control] [--overhead-only]
 """
 
 from __future__ import annotations
@@ -52,36 +55,49 @@ def _step(dm, opt, x, y) -> float:
 
 
 def overhead(
-    d_model: int, steps: int, warmup: int, rounds: int, batch_size: int = 8, first_warmup: int = 4
+    d_model: int,
+    steps: int,
+    warmup: int,
+    rounds: int,
+    batch_size: int = 8,
+    first_warmup: int = 4,
+    control: bool = False,
+    fixed_order: bool = False,
 ) -> dict:
+    """The snapshot module's median step time over the other's. Rounds alternate which module goes
+    first (ABBA), so that whatever the first or second block of a round suffers hits both alike.
+    ``control`` runs the same measurement with snapshots off on both sides (an A/A test): its ratio's
+    distance from 1 is what this machine's noise alone gives. ``fixed_order``: the module without
+    snapshots always goes first, as this script did until 2026-11-30 (to reproduce that bias)."""
     g = torch.Generator().manual_seed(0)
     batch = torch.randint(0, 256, (batch_size, 129), generator=g)
     x, y = batch[:, :-1], batch[:, 1:]
     runs = {}
     half = zr.SliceRequest(units=4, unit_cpus=0.25)  # both modules live at once on a 2-CPU machine
+    snapshots = {"checkpoint": False} if control else {}
     mods = {
         "none": zr.parallelize(_model(d_model), zr.ExpertParallel(degree=4), slice=half, checkpoint=False),
-        "every_step": zr.parallelize(_model(d_model), zr.ExpertParallel(degree=4), slice=half),
+        "every_step": zr.parallelize(_model(d_model), zr.ExpertParallel(degree=4), slice=half, **snapshots),
     }
     try:
         opts = {k: m.optimizer(torch.optim.AdamW, lr=1e-3) for k, m in mods.items()}
         for r in range(rounds):  # short interleaved blocks: drift on a shared machine hits both alike
             skip = first_warmup if r == 0 else warmup  # a block's first steps may carry the other's spill
-            for k, m in mods.items():
-                times = [_step(m, opts[k], x, y) for _ in range(skip + steps)]
+            for k in list(mods) if r % 2 == 0 or fixed_order else list(mods)[::-1]:
+                times = [_step(mods[k], opts[k], x, y) for _ in range(skip + steps)]
                 runs.setdefault(k, []).extend(times[skip:])
     finally:
         for m in mods.values():
             m.close()
     none, every = statistics.median(runs["none"]), statistics.median(runs["every_step"])
     return {
-        "benchmark": "snapshot_overhead",
+        "benchmark": "snapshot_overhead_control" if control else "snapshot_overhead",
         "d_model": d_model,
         "units": 4,
         "tokens_per_step": batch_size * 128,
         "steps_measured": len(runs["none"]),
         "no_snapshot_median_s": round(none, 4),
-        "snapshot_every_step_median_s": round(every, 4),
+        "snapshot_every_step_median_s" if not control else "second_no_snapshot_median_s": round(every, 4),
         "ratio": round(every / none, 3),
     }
 
@@ -131,12 +147,33 @@ def main() -> None:
         default=[8, 64],
         help="batch sizes (sequences of 128 tokens) for the d_model=512 overhead runs",
     )
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="after each d_model=512 overhead run, the same run with snapshots off on both sides (A/A)",
+    )
+    parser.add_argument("--overhead-only", action="store_true", help="d_model=512 overhead runs only")
+    parser.add_argument(
+        "--fixed-order", action="store_true", help="no snapshots first in every round (the old, biased way)"
+    )
     args = parser.parse_args()
     zr.init()
     torch.set_num_threads(2)
     for batch_size in args.batches:
-        result = overhead(512, args.steps, args.warmup, args.rounds, batch_size, args.first_warmup)
-        print(json.dumps(result), flush=True)
+        for control in (False, True) if args.control else (False,):
+            result = overhead(
+                512,
+                args.steps,
+                args.warmup,
+                args.rounds,
+                batch_size,
+                args.first_warmup,
+                control,
+                args.fixed_order,
+            )
+            print(json.dumps(result), flush=True)
+    if args.overhead_only:
+        return
     print(json.dumps(overhead(256, args.steps, args.warmup, args.rounds, 8, args.first_warmup)), flush=True)
     print(json.dumps(recovery(args.kills)), flush=True)
 
