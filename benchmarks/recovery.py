@@ -12,7 +12,7 @@
    step in progress; target 0, never more than 1).
 
     python benchmarks/recovery.py [--steps 4] [--rounds 6] [--warmup 1] [--kills 5] [--batches 8 64]
-                                  [--control] [--overhead-only]
+                                  [--control] [--overhead-only] [--fixed-order]
 """
 
 from __future__ import annotations
@@ -74,10 +74,12 @@ def overhead(
     x, y = batch[:, :-1], batch[:, 1:]
     runs = {}
     half = zr.SliceRequest(units=4, unit_cpus=0.25)  # both modules live at once on a 2-CPU machine
-    snapshots = {"checkpoint": False} if control else {}
+    snapshots = False if control else None  # None: the default, a snapshot after every step
     mods = {
         "none": zr.parallelize(_model(d_model), zr.ExpertParallel(degree=4), slice=half, checkpoint=False),
-        "every_step": zr.parallelize(_model(d_model), zr.ExpertParallel(degree=4), slice=half, **snapshots),
+        "every_step": zr.parallelize(
+            _model(d_model), zr.ExpertParallel(degree=4), slice=half, checkpoint=snapshots
+        ),
     }
     try:
         opts = {k: m.optimizer(torch.optim.AdamW, lr=1e-3) for k, m in mods.items()}

@@ -9,8 +9,9 @@ ratios (zetta_ray / plain; lower is better, 1.0 means no overhead).
 
     python benchmarks/step_time.py [--steps 3] [--warmup 1] [--rounds 9]
 
-Rounds rotate which side goes first (so use a multiple of 3): with a fixed order, the ratio of two
-identical sides measured up to 1.05 here, from the order alone.
+Rounds rotate which side goes first (so use a multiple of 3), so that a block's place in the round
+favours no side: benchmarks/recovery.py read higher in a fixed order than with the order alternated
+(BENCHMARKS.md, issue-4 section).
 """
 
 from __future__ import annotations
