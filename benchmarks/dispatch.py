@@ -6,9 +6,10 @@ payload and return numpy: the bare side is a minimal Ray actor with one method; 
 it runs here, with the unit on the controller's node reading and writing rows in shared memory
 (``ratio``), and with ``RuntimeConfig(shared_memory=False)``, the object-store path that units on other
 nodes take, as the bare call does (``ratio_object_store``). Prints one JSON object per payload size
-with median latencies and the ratios (zetta_ray / bare; 1.0 = no overhead).
+with median latencies and the ratios (zetta_ray / bare; 1.0 = no overhead). The three sides take
+turns call by call (the order rotated every round), so a change in the machine's load hits them alike.
 
-    python benchmarks/dispatch.py [--calls 50] [--warmup 10]
+    python benchmarks/dispatch.py [--calls 300] [--warmup 20]
 """
 
 from __future__ import annotations
@@ -45,22 +46,26 @@ class OneExpert(torch.nn.Module):
         self.moe = zr.MoELayer(D_MODEL, D_FF, n_experts=1, top_k=1)
 
 
-def _median_ms(fn, calls: int, warmup: int) -> float:
-    times = []
+def _interleaved_median_ms(fns, calls: int, warmup: int) -> list[float]:
+    """Median milliseconds per call of each of ``fns``, called in turn (one call of each per round, the
+    order rotated every round) so that the machine's load changes hit every side alike."""
+    times: list[list[float]] = [[] for _ in fns]
     for i in range(warmup + calls):
-        start = time.perf_counter()
-        fn()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        for j in range(len(fns)):
+            side = (i + j) % len(fns)
+            start = time.perf_counter()
+            fns[side]()
+            if i >= warmup:
+                times[side].append(time.perf_counter() - start)
+    return [1e3 * statistics.median(t) for t in times]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--calls", type=int, default=50)
-    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=20)
     args = parser.parse_args()
     zr.init()
     torch.manual_seed(0)
@@ -83,34 +88,26 @@ def main() -> None:
             expected = ray.get(bare.forward.remote(x_np))  # same work on every side
             assert np.array_equal(expected, runtime.forward(0, x_ND, [rows], keep=False)[0].numpy())
             assert np.array_equal(expected, store_runtime.forward(0, x_ND, [rows], keep=False)[0].numpy())
-            bare_ms = _median_ms(
-                lambda x_np=x_np: ray.get(bare.forward.remote(x_np)), args.calls, args.warmup
-            )
-            zr_ms = _median_ms(
-                lambda x_ND=x_ND, rows=rows: runtime.forward(0, x_ND, [rows], keep=False),
+            bare_ms, zr_ms, store_ms = _interleaved_median_ms(
+                [
+                    lambda x_np=x_np: ray.get(bare.forward.remote(x_np)),
+                    lambda x_ND=x_ND, rows=rows: runtime.forward(0, x_ND, [rows], keep=False),
+                    lambda x_ND=x_ND, rows=rows: store_runtime.forward(0, x_ND, [rows], keep=False),
+                ],
                 args.calls,
                 args.warmup,
             )
-            store_ms = _median_ms(
-                lambda x_ND=x_ND, rows=rows: store_runtime.forward(0, x_ND, [rows], keep=False),
-                args.calls,
-                args.warmup,
-            )
-            bare_ms2 = _median_ms(
-                lambda x_np=x_np: ray.get(bare.forward.remote(x_np)), args.calls, args.warmup
-            )
-            bare_med = statistics.median([bare_ms, bare_ms2])
             print(
                 json.dumps(
                     {
                         "benchmark": "dispatch",
                         "rows": rows,
                         "payload_bytes": int(x_np.nbytes),
-                        "bare_ray_ms": round(bare_med, 3),
+                        "bare_ray_ms": round(bare_ms, 3),
                         "zetta_ray_ms": round(zr_ms, 3),
-                        "ratio": round(zr_ms / bare_med, 3),
+                        "ratio": round(zr_ms / bare_ms, 3),
                         "zetta_ray_object_store_ms": round(store_ms, 3),
-                        "ratio_object_store": round(store_ms / bare_med, 3),
+                        "ratio_object_store": round(store_ms / bare_ms, 3),
                     }
                 ),
                 flush=True,
