@@ -47,6 +47,24 @@ def test_forward_backward_step_match_local_autograd():
     assert unit.steps_applied == 1
 
 
+def test_the_engines_packed_calls_are_forward_and_backward():
+    """``forward_call``/``backward_call`` (rows, then the other arguments in one tuple, as the engine
+    sends them) compute exactly what ``forward``/``backward`` do."""
+    unit, _ = _unit_and_reference()
+    packed, _ = _unit_and_reference()
+    x, dy = torch.randn(5, 4), torch.randn(5, 4)
+    y = unit.forward((0, 0, 0), [2, 3], [3, 2], x.numpy(), True, 1, True, None)
+    y_packed = packed.forward_call(x.numpy(), ((0, 0, 0), [2, 3], [3, 2], True, 1, True, None))
+    assert torch.equal(torch.from_numpy(y_packed), torch.from_numpy(y))
+    dx = unit.backward((0, 0, 0), dy.numpy(), 1, None)
+    dx_packed = packed.backward_call(dy.numpy(), ((0, 0, 0), 1, None))
+    assert torch.equal(torch.from_numpy(dx_packed), torch.from_numpy(dx))
+    grads = [p.grad for k in sorted(unit.experts) for p in unit.experts[k].parameters()]
+    grads_packed = [p.grad for k in sorted(packed.experts) for p in packed.experts[k].parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_packed, strict=True))
+    assert packed.calls == unit.calls == {"forward": 1, "backward": 1}
+
+
 def test_backward_without_forward_names_the_key():
     unit, _ = _unit_and_reference()
     with pytest.raises(RuntimeError, match=r"\(step, layer, micro-batch\)=\(0, 0, 7\)"):
