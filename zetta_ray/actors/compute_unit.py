@@ -103,7 +103,7 @@ class ComputeUnit:
     # How the engine sends forward and backward: the rows, and one tuple of the other arguments in the
     # order the method takes them. Ray serializes each argument of a call on its own, on both ends (about
     # 20 us apiece here); an eight-argument forward cost ~0.15 ms more than a two-argument one, 5% of a
-    # 16-row expert call (benchmarks/dispatch.py). Rows stay an argument of their own so that Ray
+    # 16-row expert call (BENCHMARKS.md, dispatch). Rows stay an argument of their own so that Ray
     # resolves them when they come as an ObjectRef.
 
     def forward_call(self, x_ND: np.ndarray | SharedRows, rest: tuple) -> np.ndarray | SharedRows:
