@@ -34,7 +34,9 @@ def npu_cluster():
         yield c, list(c.worker_nodes)
 
 
-def _train(fault=None) -> tuple[dict[str, torch.Tensor], list, dict]:
+def _train(fault=None, after_step=None) -> tuple[dict[str, torch.Tensor], list, dict]:
+    """Train STEPS steps; ``fault(dm)`` runs in FAULT_STEP between forward and backward,
+    ``after_step(dm, step)`` after every optimizer step."""
     cfg = zr.MoEConfig(
         vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_experts=4, top_k=2, d_ff=64, seq_len=16
     )
@@ -51,6 +53,8 @@ def _train(fault=None) -> tuple[dict[str, torch.Tensor], list, dict]:
                 fault(dm)
             loss.backward()
             opt.step()
+            if after_step is not None:
+                after_step(dm, step)
         return dm.state_dict(), dm.recoveries, dm.placement
 
 
@@ -100,3 +104,29 @@ def test_node_removed_mid_step(npu_cluster, fault_free, graceful):
     while any(g["state"] != "REMOVED" for g in placement_group_table().values()):
         assert time.monotonic() < deadline, placement_group_table()
         time.sleep(0.2)
+
+
+def test_node_lost_between_steps_recovers_before_the_cluster_declares_it_dead(npu_cluster, fault_free):
+    """SIGKILL of a unit's node right after an optimizer step, while that step's snapshots are still
+    being copied from it to pools on other nodes. Those copies can never land and Ray fails them only
+    when its health checks declare the node dead (about 15 s here); recovery must not wait for that:
+    the next step, recovery included (a fresh worker importing torch, ~3-5 s), ends well before."""
+    c, workers = npu_cluster
+    workers.append(c.add_node(num_cpus=1, resources={"npu": 2}))  # earlier tests removed nodes
+    c.wait_for_nodes()
+    lost, clock = {}, {}
+
+    def remove_after_step(dm, step):
+        if step == FAULT_STEP:
+            lost["node"], lost["units"] = _remove_node_of_unit(c, workers, dm, unit=0, graceful=False)
+            clock["killed"] = time.monotonic()
+        elif step == FAULT_STEP + 1:
+            clock["next_step_done"] = time.monotonic()
+
+    state, recoveries, _ = _train(after_step=remove_after_step)
+    for key in fault_free:
+        assert torch.equal(state[key], fault_free[key]), key
+    assert sorted(r.unit for r in recoveries) == sorted(lost["units"])
+    assert all(r.kind == "node" and r.node != lost["node"] for r in recoveries)
+    took = clock["next_step_done"] - clock["killed"]
+    assert took < 12.0, f"the step after the node's loss took {took:.1f} s: recovery waited for Ray's verdict"

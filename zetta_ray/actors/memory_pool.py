@@ -200,4 +200,11 @@ class MemoryPool:
             self._used -= self._sizes.pop(key)
 
 
-MemoryPoolActor = ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)(MemoryPool)
+# Out of order: a put waits for its blob before it runs, and a blob made on a node that just died
+# resolves only when the cluster declares that node dead (~15 s with Ray's default health checks). In
+# order, every later call (the ``get`` that restores a replacement, the ``ping`` that checks this pool)
+# would wait behind it. Nothing here needs submission order: the controller reads a replica only after
+# its put answered, and it drops only steps older than ones already stored.
+MemoryPoolActor = ray.remote(
+    num_cpus=0, max_restarts=0, max_task_retries=0, allow_out_of_order_execution=True
+)(MemoryPool)

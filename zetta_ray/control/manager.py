@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,6 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from zetta_ray.actors.memory_pool import MemoryPoolActor, PoolFullError, SnapshotNotHeldError
-from zetta_ray.actors.shm import portable
 from zetta_ray.checkpoint import TrickleCheckpoint
 from zetta_ray.control.durable import DurableCheckpointer
 from zetta_ray.control.faults import fault_from_error
@@ -36,6 +36,7 @@ from zetta_ray.control.recovery import RecoveryAction, Replica, Spare, decide_re
 from zetta_ray.control.replay import ReplayLog
 from zetta_ray.control.replicas import decide_replica_nodes
 from zetta_ray.errors import UnitFailed, UnitFault, ZettaError
+from zetta_ray.runtime.engine import by_value
 
 __all__ = ["FaultManager", "RecoveryEvent", "RecoveryFailed"]
 
@@ -270,20 +271,44 @@ class FaultManager:
             self._rounds = [r for r in self._rounds if r.step > newest]
             self._commit(newest)
 
-    def _live_nodes(self, suspect: str | None = None) -> set[str]:
+    def _drop_puts(self, doomed: Callable[[_Put], bool]) -> None:
+        """Stop waiting for the puts in flight that ``doomed(put)`` says will never land; like failed
+        puts, they are not counted as stored (their round stays incomplete, a later one commits)."""
+        for put in [p for p in self._puts if doomed(p)]:
+            logger.warning(
+                "snapshot of unit %d step %d to %s abandoned: its unit's or pool's node is dead",
+                put.unit,
+                put.step,
+                put.pool,
+            )
+        self._puts = [p for p in self._puts if not doomed(p)]
+
+    def lost_units(self, units: list[int]) -> list[int]:
+        """Those of ``units`` whose node is dead, asking each node's raylet (see ``_live_nodes``).
+
+        The runtime asks while a wait drags on: a call to an actor on a node that died between two calls
+        fails only when the cluster declares the node dead (about 15 s with Ray's default health checks),
+        but the node's raylet refuses connections at once."""
+        nodes = {self.unit_nodes[u] for u in units}
+        alive = self._live_nodes(suspects=nodes)
+        return [u for u in units if self.unit_nodes[u] not in alive]
+
+    def _live_nodes(self, suspect: str | None = None, suspects: set[str] | None = None) -> set[str]:
         """The nodes the cluster reports alive, less the ones found dead here.
 
-        ``suspect`` is the node of an actor that just failed. The cluster declares a node dead only
-        after its health checks miss (1.5 s to 15 s, by its settings); until then a unit lost with its
-        node looks like a unit lost alone, and its node's other units and replicas look usable. So the
-        suspect's raylet is asked directly: one that refuses a connection is dead now, and stays dead
-        (Ray gives a restarted raylet a new node id)."""
+        ``suspect`` is the node of an actor that just failed (``suspects``: several nodes). The cluster
+        declares a node dead only after its health checks miss (1.5 s to 15 s, by its settings); until
+        then a unit lost with its node looks like a unit lost alone, and its node's other units and
+        replicas look usable. So a suspect's raylet is asked directly: one that refuses a connection is
+        dead now, and stays dead (Ray gives a restarted raylet a new node id)."""
         nodes = ray.nodes()
         alive = {n["NodeID"] for n in nodes if n["Alive"]} - self.dead_nodes
-        if suspect in alive and not _raylet_answers(next(n for n in nodes if n["NodeID"] == suspect)):
-            logger.warning("node %s: its raylet does not answer; taking the node for dead", suspect)
-            self.dead_nodes.add(suspect)
-            alive.discard(suspect)
+        by_id = {n["NodeID"]: n for n in nodes}
+        for node in ({suspect} if suspect else set()) | (suspects or set()):
+            if node in alive and not _raylet_answers(by_id[node]):
+                logger.warning("node %s: its raylet does not answer; taking the node for dead", node)
+                self.dead_nodes.add(node)
+                alive.discard(node)
         return alive
 
     def _pool_alive(self, pool: str) -> bool:
@@ -352,6 +377,10 @@ class FaultManager:
         # Snapshots in flight may land now (or fail, if the dead unit made them): count what landed.
         deadline = time.monotonic() + self.deadline_s
         self._collect()
+        if node not in alive:
+            # A blob made on the dead node, or a pool there, cannot answer, and Ray fails such a put only
+            # once it declares the node dead (about 15 s with its default health checks): drop them now.
+            self._drop_puts(lambda p: p.unit in lost or p.node == node)
         while self._puts and time.monotonic() < deadline:
             self._collect(wait_s=0.05)
         errors = {u: error if u == error.unit else _lost_with_node(runtime, u, error) for u in lost}
@@ -425,8 +454,9 @@ class FaultManager:
             ) from error
         new, node, fault, decision = begun.new, begun.node, begun.fault, begun.decision
         replay = self.log.calls_for(u, decision.replay_since)
-        # portable: the replacement may run on another node than the shared memory the calls named
-        fresh = {id(call): getattr(new, call.method).remote(*portable(call.args)) for call in replay}
+        # by value: the replacement may run on another node than the shared memory the calls named, and
+        # must not pull rows from where their first copies went (see runtime.engine.by_value)
+        fresh = {id(c): getattr(new, c.method).remote(*by_value(c.args, self.deadline_s)) for c in replay}
         runtime.units[u] = new
         self.unit_nodes[u] = node
         # Snapshot the replacement at once (Ray runs it after the replayed calls): until then its

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,7 @@ from zetta_ray.actors.wire import from_wire, to_wire
 from zetta_ray.config import RuntimeConfig
 from zetta_ray.errors import ConfigError, DeadlineExceeded, UnitFailed, UnitFault
 
-__all__ = ["ExpertRuntime", "Layout", "Ticket"]
+__all__ = ["ExpertRuntime", "Layout", "Ticket", "by_value"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +110,15 @@ def _scatter(outs: list[Any], calls: list[_Call], like: torch.Tensor, writable: 
     return out
 
 
+def by_value(args: tuple[Any, ...], timeout_s: float) -> tuple[Any, ...]:
+    """``args`` of a call for a replacement unit, carrying their rows themselves: rows in this node's
+    shared memory copied out (``portable``), rows in the object store fetched here (this process put
+    them, so they are local). Passing the first ObjectRef again would let Ray pull the rows from any
+    node that received them, including a node that has died but is not yet declared dead, and such a
+    pull waits for the cluster's verdict (about 15 s with Ray's default health checks)."""
+    return tuple(ray.get(a, timeout=timeout_s) if isinstance(a, ray.ObjectRef) else a for a in portable(args))
+
+
 @dataclass(slots=True)
 class _Call:
     ref: ray.ObjectRef
@@ -125,6 +135,8 @@ class _Call:
 # Where each of these methods takes its rows; the engine sends them as (rows, the other arguments in one
 # tuple) to ``ComputeUnit.<method>_call``, which saves Ray serializing each argument on its own.
 _ROWS_AT = {"forward": 3, "backward": 1}
+
+_PROBE_EVERY_S = 2.0  # while a wait lasts, how often the supervisor is asked for units on dead nodes
 
 _JOURNALED = frozenset(
     {"forward", "backward", "step", "set_optimizer", "load_state_dict", "load_optimizer_state_dict"}
@@ -147,7 +159,10 @@ class ExpertRuntime:
     ``zetta_ray.control``): a ``journal`` that records every call that changes a unit's state, in send
     order (``record(unit, method, step, args)``), and a ``supervisor`` that is told when a step ends
     (``after_step(runtime)``) and asked to repair a failed unit (``recover(runtime, fault, calls)``: it
-    replaces ``runtime.units[u]`` and re-sends the unit's calls in ``calls``, or raises).
+    replaces ``runtime.units[u]`` and re-sends the unit's calls in ``calls``, or raises). A wait that
+    lasts asks it every ``_PROBE_EVERY_S`` which of the awaited units sit on a dead node
+    (``lost_units(units)``): Ray fails a call to an actor whose node died only once the cluster
+    declares the node dead, which its default health checks take about 15 s to do.
     """
 
     def __init__(self, units: list[Any], layout: Layout, cfg: RuntimeConfig):
@@ -446,7 +461,7 @@ class ExpertRuntime:
 
     def resend(self, call: _Call) -> None:
         """Send ``call`` again to its unit's current actor (after a replacement)."""
-        call.ref = self._send(call.unit, call.method, portable(call.args))
+        call.ref = self._send(call.unit, call.method, by_value(call.args, self.cfg.deadline_s))
 
     def _send(self, u: int, method: str, args: tuple[Any, ...]) -> ray.ObjectRef:
         """``units[u].<method>(*args)``, forward and backward as rows plus one tuple (see ``_ROWS_AT``)."""
@@ -477,8 +492,18 @@ class ExpertRuntime:
                 self.supervisor.recover(self, fault, everything)  # replaces the unit, or raises
 
     def _wait(self, everything: list[_Call], deadline_s: float) -> list[Any]:
-        try:  # the fast path: one round trip to Ray's core worker
-            return ray.get([c.ref for c in everything], timeout=deadline_s)
+        refs = [c.ref for c in everything]
+        end = time.monotonic() + deadline_s
+        probe = self.supervisor is not None and hasattr(self.supervisor, "lost_units")
+        try:
+            while True:  # the fast path: one round trip to Ray's core worker
+                left = end - time.monotonic()
+                try:
+                    return ray.get(refs, timeout=max(0.0, min(left, _PROBE_EVERY_S) if probe else left))
+                except ray.exceptions.GetTimeoutError:
+                    if not probe or time.monotonic() >= end:
+                        raise
+                    self._raise_if_node_lost(everything)
         except ray.exceptions.GetTimeoutError:
             _, late = ray.wait([c.ref for c in everything], num_returns=len(everything), timeout=0)
             late_refs = set(late)
@@ -500,3 +525,15 @@ class ExpertRuntime:
                         unit=c.unit, experts=c.experts, step=c.step, phase=c.phase, cause=cause
                     ) from e
             raise  # unreachable in practice: some call must have failed
+
+    def _raise_if_node_lost(self, everything: list[_Call]) -> None:
+        """``UnitFailed`` for the first unanswered call of a unit whose node the supervisor finds dead."""
+        refs = [c.ref for c in everything]
+        _, waiting = ray.wait(refs, num_returns=len(refs), timeout=0)
+        waiting_refs = set(waiting)
+        pending = [c for c in everything if c.ref in waiting_refs]
+        lost = set(self.supervisor.lost_units(sorted({c.unit for c in pending})))
+        for c in pending:
+            if c.unit in lost:
+                cause = RuntimeError(f"the node of unit {c.unit} is dead: its raylet refuses connections")
+                raise UnitFailed(unit=c.unit, experts=c.experts, step=c.step, phase=c.phase, cause=cause)
