@@ -82,12 +82,12 @@ def test_many_experts_are_shortened():
 def test_raylet_probe_tells_a_listening_raylet_from_a_dead_one():
     """The probe behind ``FaultManager._live_nodes``: a node whose raylet port accepts is alive, one
     whose port refuses (the raylet was killed; the cluster has not noticed yet) is dead."""
-    from zetta_ray.control.manager import _raylet_answers
+    from zetta_ray.control.manager import raylet_answers
 
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))
         listening.listen()
         port = listening.getsockname()[1]
-        assert _raylet_answers({"NodeManagerAddress": "127.0.0.1", "NodeManagerPort": port})
+        assert raylet_answers({"NodeManagerAddress": "127.0.0.1", "NodeManagerPort": port})
     # closed now: nothing listens on the port, the kernel refuses the connection at once
-    assert not _raylet_answers({"NodeManagerAddress": "127.0.0.1", "NodeManagerPort": port})
+    assert not raylet_answers({"NodeManagerAddress": "127.0.0.1", "NodeManagerPort": port})

@@ -95,7 +95,7 @@ class _Restoring:
     restored: ray.ObjectRef
 
 
-def _raylet_answers(node: dict[str, Any]) -> bool:
+def raylet_answers(node: dict[str, Any]) -> bool:
     """Whether the raylet of ``node`` (a ``ray.nodes()`` entry) accepts a TCP connection. The kernel
     accepts for a live raylet however busy it is; a killed one refuses at once, a dead host times out."""
     try:
@@ -305,7 +305,7 @@ class FaultManager:
         alive = {n["NodeID"] for n in nodes if n["Alive"]} - self.dead_nodes
         by_id = {n["NodeID"]: n for n in nodes}
         for node in ({suspect} if suspect else set()) | (suspects or set()):
-            if node in alive and not _raylet_answers(by_id[node]):
+            if node in alive and not raylet_answers(by_id[node]):
                 logger.warning("node %s: its raylet does not answer; taking the node for dead", node)
                 self.dead_nodes.add(node)
                 alive.discard(node)
