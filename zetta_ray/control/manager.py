@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -274,14 +274,18 @@ class FaultManager:
     def _drop_puts(self, doomed: Callable[[_Put], bool]) -> None:
         """Stop waiting for the puts in flight that ``doomed(put)`` says will never land; like failed
         puts, they are not counted as stored (their round stays incomplete, a later one commits)."""
-        for put in [p for p in self._puts if doomed(p)]:
+        kept = []
+        for put in self._puts:
+            if not doomed(put):
+                kept.append(put)
+                continue
             logger.warning(
                 "snapshot of unit %d step %d to %s abandoned: its unit's or pool's node is dead",
                 put.unit,
                 put.step,
                 put.pool,
             )
-        self._puts = [p for p in self._puts if not doomed(p)]
+        self._puts = kept
 
     def lost_units(self, units: list[int]) -> list[int]:
         """Those of ``units`` whose node is dead, asking each node's raylet (see ``_live_nodes``).
@@ -289,22 +293,21 @@ class FaultManager:
         The runtime asks while a wait drags on: a call to an actor on a node that died between two calls
         fails only when the cluster declares the node dead (about 15 s with Ray's default health checks),
         but the node's raylet refuses connections at once."""
-        nodes = {self.unit_nodes[u] for u in units}
-        alive = self._live_nodes(suspects=nodes)
+        alive = self._live_nodes(suspects={self.unit_nodes[u] for u in units})
         return [u for u in units if self.unit_nodes[u] not in alive]
 
-    def _live_nodes(self, suspect: str | None = None, suspects: set[str] | None = None) -> set[str]:
+    def _live_nodes(self, suspects: Iterable[str] = ()) -> set[str]:
         """The nodes the cluster reports alive, less the ones found dead here.
 
-        ``suspect`` is the node of an actor that just failed (``suspects``: several nodes). The cluster
-        declares a node dead only after its health checks miss (1.5 s to 15 s, by its settings); until
-        then a unit lost with its node looks like a unit lost alone, and its node's other units and
-        replicas look usable. So a suspect's raylet is asked directly: one that refuses a connection is
-        dead now, and stays dead (Ray gives a restarted raylet a new node id)."""
+        ``suspects`` are nodes of actors that just failed or do not answer. The cluster declares a node
+        dead only after its health checks miss (1.5 s to 15 s, by its settings); until then a unit lost
+        with its node looks like a unit lost alone, and its node's other units and replicas look usable.
+        So a suspect's raylet is asked directly: one that refuses a connection is dead now, and stays
+        dead (Ray gives a restarted raylet a new node id)."""
         nodes = ray.nodes()
         alive = {n["NodeID"] for n in nodes if n["Alive"]} - self.dead_nodes
         by_id = {n["NodeID"]: n for n in nodes}
-        for node in ({suspect} if suspect else set()) | (suspects or set()):
+        for node in set(suspects):
             if node in alive and not raylet_answers(by_id[node]):
                 logger.warning("node %s: its raylet does not answer; taking the node for dead", node)
                 self.dead_nodes.add(node)
@@ -323,7 +326,7 @@ class FaultManager:
         the next snapshots."""
         self.dead_pools.add(pool)
         node = self.pool_nodes[pool]
-        alive = self._live_nodes(suspect=node)
+        alive = self._live_nodes(suspects=[node])
         logger.warning("MemoryPool %s died; %s", pool, "starting a new one" if node in alive else "node gone")
         if node in alive:
             self._start_pool(node, self.pool_limit_bytes)
@@ -368,7 +371,7 @@ class FaultManager:
         """
         start = time.monotonic()
         node = self.unit_nodes[error.unit]
-        alive = self._live_nodes(suspect=node)
+        alive = self._live_nodes(suspects=[node])
         lost = [error.unit]
         if node not in alive:
             lost += [v for v, n in enumerate(self.unit_nodes) if n == node and v != error.unit]

@@ -132,6 +132,13 @@ class _Call:
     logged: Any = None  # the journal's record of this call, when it changes the unit's state
 
 
+def _unanswered(calls: list[_Call]) -> list[_Call]:
+    """The calls of ``calls`` whose result has not arrived, in their order."""
+    _, waiting = ray.wait([c.ref for c in calls], num_returns=len(calls), timeout=0)
+    waiting_refs = set(waiting)
+    return [c for c in calls if c.ref in waiting_refs]
+
+
 # Where each of these methods takes its rows; the engine sends them as (rows, the other arguments in one
 # tuple) to ``ComputeUnit.<method>_call``, which saves Ray serializing each argument on its own.
 _ROWS_AT = {"forward": 3, "backward": 1}
@@ -159,8 +166,8 @@ class ExpertRuntime:
     ``zetta_ray.control``): a ``journal`` that records every call that changes a unit's state, in send
     order (``record(unit, method, step, args)``), and a ``supervisor`` that is told when a step ends
     (``after_step(runtime)``) and asked to repair a failed unit (``recover(runtime, fault, calls)``: it
-    replaces ``runtime.units[u]`` and re-sends the unit's calls in ``calls``, or raises). A wait that
-    lasts asks it every ``_PROBE_EVERY_S`` which of the awaited units sit on a dead node
+    replaces ``runtime.units[u]`` and re-sends the unit's calls in ``calls``, or raises), and, every
+    ``_PROBE_EVERY_S`` of a wait that lasts, which of the awaited units sit on a dead node
     (``lost_units(units)``): Ray fails a call to an actor whose node died only once the cluster
     declares the node dead, which its default health checks take about 15 s to do.
     """
@@ -494,7 +501,7 @@ class ExpertRuntime:
     def _wait(self, everything: list[_Call], deadline_s: float) -> list[Any]:
         refs = [c.ref for c in everything]
         end = time.monotonic() + deadline_s
-        probe = self.supervisor is not None and hasattr(self.supervisor, "lost_units")
+        probe = self.supervisor is not None
         try:
             while True:  # the fast path: one round trip to Ray's core worker
                 left = end - time.monotonic()
@@ -505,9 +512,7 @@ class ExpertRuntime:
                         raise
                     self._raise_if_node_lost(everything)
         except ray.exceptions.GetTimeoutError:
-            _, late = ray.wait([c.ref for c in everything], num_returns=len(everything), timeout=0)
-            late_refs = set(late)
-            c = next(c for c in everything if c.ref in late_refs)
+            c = _unanswered(everything)[0]
             raise DeadlineExceeded(
                 unit=c.unit, experts=c.experts, step=c.step, phase=c.phase, deadline_s=deadline_s
             ) from None
@@ -528,10 +533,7 @@ class ExpertRuntime:
 
     def _raise_if_node_lost(self, everything: list[_Call]) -> None:
         """``UnitFailed`` for the first unanswered call of a unit whose node the supervisor finds dead."""
-        refs = [c.ref for c in everything]
-        _, waiting = ray.wait(refs, num_returns=len(refs), timeout=0)
-        waiting_refs = set(waiting)
-        pending = [c for c in everything if c.ref in waiting_refs]
+        pending = _unanswered(everything)
         lost = set(self.supervisor.lost_units(sorted({c.unit for c in pending})))
         for c in pending:
             if c.unit in lost:
