@@ -300,8 +300,9 @@ def _cmd_chaos(args: argparse.Namespace) -> int:
     for r in faulty.recoveries:
         print(
             f"recovered: unit {r['unit']} ({r['kind']} in {r['phase']} at step {r['step']}) by "
-            f"{r['action']} on node {(r['node'] or '?')[:12]} from snapshot {r['restored_step']} in "
-            f"{r['recovery_s']:.2f} s, {r['replayed_calls']} calls replayed"
+            f"{r['action']} on node {(r['node'] or '?')[:12]} from snapshot {r['restored_step']} "
+            f"({r['redone_records']} gradient records redone) in {r['recovery_s']:.2f} s, "
+            f"{r['replayed_calls']} calls replayed"
         )
     verdict = "IDENTICAL" if report["bitwise_identical"] else "DIFFERS"
     print(

@@ -50,12 +50,12 @@ def _batch(step: int) -> torch.Tensor:
     return torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(100 + step % 3))
 
 
-def _train(fault=None, runtime=None) -> tuple[dict[str, torch.Tensor], list]:
+def _train(fault=None, runtime=None, checkpoint=None) -> tuple[dict[str, torch.Tensor], list]:
     """Six AdamW steps; ``fault(dmodel, step, phase)`` runs at every step before forward, before backward
     and after the optimizer step (it acts where it wants)."""
     torch.manual_seed(0)
     model = zr.MoETransformer(_config())
-    with zr.parallelize(model, zr.ExpertParallel(degree=4), runtime=runtime) as dm:
+    with zr.parallelize(model, zr.ExpertParallel(degree=4), runtime=runtime, checkpoint=checkpoint) as dm:
         opt = dm.optimizer(torch.optim.AdamW, lr=1e-2)
         for step in range(STEPS):
             b = _batch(step)
@@ -118,6 +118,20 @@ def test_unit_killed_in_each_phase(fault_free, phase, rows):
     _assert_same(state, fault_free)
     assert len(recoveries) == 1 and recoveries[0].unit == 1
     assert recoveries[0].restored_step >= FAULT_STEP - 1  # at most one step of work redone
+    # restored from the full snapshot of step 0 and the gradient records after it (full_every=8)
+    assert recoveries[0].redone_records == recoveries[0].restored_step > 0
+    _no_leftovers()
+
+
+def test_full_snapshots_every_step_recover_without_records(fault_free):
+    def kill(dm, step, now):
+        if (step, now) == (FAULT_STEP, "backward"):
+            ray.kill(dm._runtime.units[3], no_restart=True)
+
+    state, recoveries = _train(kill, checkpoint=zr.TrickleCheckpoint(full_every=1))
+    _assert_same(state, fault_free)
+    assert [(r.unit, r.redone_records) for r in recoveries] == [(3, 0)]
+    assert recoveries[0].restored_step >= FAULT_STEP - 1
     _no_leftovers()
 
 

@@ -12,7 +12,7 @@ import torch
 from zetta_ray.actors import ComputeUnit, ComputeUnitActor
 from zetta_ray.actors.memory_pool import MemoryPool, MemoryPoolActor, PoolFullError, SnapshotNotHeldError
 from zetta_ray.actors.wire import to_wire
-from zetta_ray.checkpoint import Snapshot, encode_snapshot
+from zetta_ray.checkpoint import GRADIENT_RECORD, Snapshot, encode_snapshot
 from zetta_ray.errors import ConfigError
 from zetta_ray.experts import ExpertFFN
 
@@ -67,6 +67,26 @@ def test_accounting_of_replacements_and_bad_puts_in_process():
         pool.get(3)
     with pytest.raises(ConfigError, match="limit_bytes=0"):
         MemoryPool(limit_bytes=0)
+
+
+def test_a_record_never_replaces_a_full_snapshot_and_eviction_keeps_a_record_chain():
+    def snap(step: int, n: int, record: bool) -> Snapshot:
+        extra = {"kind": GRADIENT_RECORD} if record else {}
+        return Snapshot(step=step, tensors={"w": np.zeros(n, np.uint8)}, extra=extra)
+
+    pool = MemoryPool(limit_bytes=1_000, name="p")
+    pool.put(0, 4, snap(4, 400, record=False))
+    assert pool.put(0, 4, snap(4, 100, record=True)) == 400, "the full snapshot of step 4 stays"
+    assert not pool.get(0, 4).is_gradient_record
+    pool.put(0, 5, snap(5, 200, record=True))
+    pool.put(0, 6, snap(6, 200, record=True))
+    with pytest.raises(PoolFullError, match=r"after evicting unit 0's steps \[\], which it makes useless"):
+        pool.put(0, 7, snap(7, 300, record=True))  # 4..6 are its chain: nothing may go
+    assert pool.steps(0) == [4, 5, 6]
+    pool.put(0, 7, snap(7, 400, record=False))  # a full snapshot: the older chain may go, oldest first
+    assert pool.steps(0) == [5, 6, 7] and pool.stats()["bytes_used"] == 800
+    pool.put(0, 8, snap(8, 300, record=True))  # its chain starts at 7: steps before it may go
+    assert pool.steps(0) == [6, 7, 8]
 
 
 def _wait_until_dead(actor, timeout_s: float = T) -> None:

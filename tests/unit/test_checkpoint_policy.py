@@ -30,6 +30,7 @@ def test_defaults_match_the_issue():
     ("kwargs", "match"),
     [
         ({"every": 0}, r"every=0.*>= 1"),
+        ({"full_every": 0}, r"full_every=0.*>= 1 \(1 = the full state in every snapshot"),
         ({"every": True}, r"every=True"),
         ({"replicas": 0}, r"replicas=0"),
         ({"durable_uri": " "}, r"durable_uri=' '"),

@@ -55,6 +55,23 @@ def test_a_dead_node_takes_its_replicas_with_it():
     assert d.restore_from == Replica("pA", "n1", 10) and d.replay_since == 10 and d.node == "n3"
 
 
+def test_a_gradient_record_is_restored_only_from_a_pool_that_holds_its_whole_chain():
+    # pool pA holds the full snapshot of step 8 and the records of 9..11; pB lost the record of step 10
+    chain_a = [("pA", "n1", 8, 8), ("pA", "n1", 9, 8), ("pA", "n1", 10, 8), ("pA", "n1", 11, 8)]
+    chain_b = [("pB", "n2", 8, 8), ("pB", "n2", 9, 8), ("pB", "n2", 11, 8)]
+    d = decide_recovery(_fault(), live_nodes=NODES, replicas_by_unit={3: chain_b + chain_a})
+    assert d.restore_from == Replica("pA", "n1", 11, 8) and d.restore_from.start == 8
+    assert d.replay_since == 11
+    assert "restore step 11 (the full snapshot of step 8 and the gradient records of steps 9..11)" in d.reason
+    # without pA, pB's newest whole chain ends at step 9
+    d = decide_recovery(_fault(), live_nodes=NODES, replicas_by_unit={3: chain_b}, dead_pools={"pA"})
+    assert d.restore_from == Replica("pB", "n2", 9, 8)
+    # a chain whose full snapshot is gone restores nothing, and the reason says so
+    d = decide_recovery(_fault(), live_nodes=NODES, replicas_by_unit={3: chain_b[1:]})
+    assert d.action is RecoveryAction.FAIL
+    assert "no surviving pool holds a whole chain of its snapshots" in d.reason
+
+
 def test_dead_pools_and_a_committed_log_rule_replicas_out():
     d = decide_recovery(_fault(), live_nodes=NODES, replicas_by_unit=REPLICAS, dead_pools={"pA"})
     assert d.restore_from == Replica("pB", "n2", 11)

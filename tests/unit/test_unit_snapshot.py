@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from zetta_ray.actors import ComputeUnit
-from zetta_ray.actors.snapshot import restore_unit, unit_snapshot
+from zetta_ray.actors.snapshot import restore_unit, unit_gradients, unit_snapshot
 from zetta_ray.actors.wire import to_wire
 from zetta_ray.checkpoint import CorruptCheckpointError, decode_snapshot, encode_snapshot
 from zetta_ray.experts import ExpertFFN
@@ -172,3 +172,66 @@ def test_restore_unit_accepts_a_snapshot_object():
     _train(unit, range(2, 3))
     _train(fresh, range(2, 3))
     _assert_same_state(unit, fresh)
+
+
+def _train_recording(unit: ComputeUnit, steps: range, lrs: dict[int, float] | None = None) -> list:
+    """``_train``, taking each step's gradient record right after it (as the fault manager does); a step
+    in ``lrs`` runs with that learning rate (a schedule the controller applies)."""
+    records = []
+    for step in steps:
+        if lrs and step in lrs:
+            for group in unit.optimizer.param_groups:
+                group["lr"] = lrs[step]
+        _train(unit, range(step, step + 1))
+        records.append(unit_gradients(unit, step + 1))
+    return records
+
+
+def test_a_full_snapshot_and_the_gradient_records_after_it_restore_bitwise():
+    unit = _trained_unit()
+    _train(unit, range(2))
+    base = unit.snapshot(2)
+    records = _train_recording(unit, range(2, 5), lrs={3: 0.01})  # steps 3, 4, 5; step 4 at another lr
+    rng_at_5 = torch.get_rng_state()
+    assert [r.step for r in records] == [3, 4, 5] and all(r.is_gradient_record for r in records)
+    rng = base.rng["torch"].nbytes  # gradients only: a third of the parameters and AdamW's two moments
+    assert 3 * (records[0].nbytes - rng) <= base.nbytes - rng < 3 * (records[0].nbytes - rng) + 100
+    assert records[1].optimizer["param_groups"][0]["lr"] == 0.01
+
+    torch.manual_seed(999)
+    fresh = _fresh_unit()
+    assert [fresh.restore(s) for s in (base, *records)] == [2, 3, 4, 5]
+    _assert_same_state(unit, fresh)
+    assert torch.equal(torch.get_rng_state(), rng_at_5)
+    assert all(p.grad is None for m in fresh.experts.values() for p in m.parameters())
+    _train(unit, range(5, 7))
+    _train(fresh, range(5, 7))
+    _assert_same_state(unit, fresh)
+
+
+def test_an_expert_without_rows_keeps_no_gradient_and_its_parameters_stay_unchanged_on_redo():
+    unit = _trained_unit()
+    base = unit.snapshot(0)
+    for layer, (experts, counts) in enumerate([([1], [7]), ([0], [7])]):  # expert (0, 3) gets no rows
+        x, dy = _batch(0, layer)
+        unit.forward((0, layer, 0), experts, counts, x.numpy(), keep=True, grad_epoch=1)
+        unit.backward((0, layer, 0), dy.numpy(), grad_epoch=1)
+    unit.step(0, grad_epoch=1)
+    record = unit_gradients(unit, 1)
+    assert not any(name.startswith("0.3.") for name in record.tensors)
+    fresh = _fresh_unit()
+    fresh.restore(base)
+    assert fresh.restore(record) == 1
+    _assert_same_state(unit, fresh)
+
+
+def test_gradient_records_out_of_order_or_without_a_base_are_refused():
+    unit = _trained_unit()
+    base = unit.snapshot(0)
+    records = _train_recording(unit, range(2))
+    with pytest.raises(RuntimeError, match="needs the unit's state after step 0 first"):
+        _fresh_unit().restore(records[0])
+    fresh = _fresh_unit()
+    fresh.restore(base)
+    with pytest.raises(ValueError, match="has applied 0 optimizer steps, but the gradient record of step 2"):
+        fresh.restore(records[1])

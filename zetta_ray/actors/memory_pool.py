@@ -20,10 +20,15 @@ and the number of optimizer steps completed when the snapshot was taken. ``put``
 step (for bytes, from the manifest alone: ``checkpoint.read_manifest``) and refuses one whose step is
 not the key's. Byte accounting counts the arrays (or the bytes) held.
 
-The byte limit protects the node: a put that would pass it first evicts that owner's older steps (a
-newer snapshot of a part makes its older ones useless for recovery) and, if the blob still does not
-fit, raises ``PoolFullError`` without evicting anything. Steps of other owners are never evicted: they
-may be the last copy someone needs.
+Gradient records (``Snapshot.is_gradient_record``: a unit's gradients of one step, a third of a whole
+snapshot) form chains: a full snapshot of step ``b`` and the records of ``b+1 .. s`` together restore
+step ``s``. A record never replaces a full snapshot of the same step (the full state serves better).
+
+The byte limit protects the node: a put that would pass it first evicts that owner's steps that the
+new blob makes useless for recovery (for a full snapshot, every older step; for a record, the steps
+before the full snapshot its chain starts from) and, if the blob still does not fit, raises
+``PoolFullError`` without evicting anything. Steps of other owners are never evicted: they may be the
+last copy someone needs.
 
 ``MemoryPool`` is a plain class (testable in-process); ``MemoryPoolActor`` is the Ray actor. It asks
 for no CPU (it is idle between puts); place it with a scheduling strategy (node affinity or a
@@ -97,9 +102,10 @@ class MemoryPool:
     def put(self, unit: Owner, step: int, blob: Snapshot | bytes | bytearray | memoryview) -> int:
         """Hold ``blob``, the snapshot of ``unit`` after ``step`` steps; return its byte count.
 
-        A blob already held under the same key is replaced. If the pool would pass its limit, ``unit``'s
-        steps older than ``step`` are evicted first; ``PoolFullError`` if it still would not fit (then
-        nothing is evicted).
+        A blob already held under the same key is replaced, except a full snapshot by a gradient record
+        (then the held size is returned). If the pool would pass its limit, ``unit``'s steps that the
+        blob makes useless are evicted first (see the module docstring); ``PoolFullError`` if it still
+        would not fit (then nothing is evicted).
         """
         if isinstance(blob, Snapshot):
             data: Held = blob
@@ -116,7 +122,11 @@ class MemoryPool:
                 "key a snapshot by the step it was taken at (Snapshot.step)"
             )
         key = (unit, step)
-        older = sorted(s for u, s in self._blobs if u == unit and s < step)
+        full = isinstance(data, bytes) or not data.is_gradient_record
+        held = self._blobs.get(key)
+        if not full and held is not None and (isinstance(held, bytes) or not held.is_gradient_record):
+            return self._sizes[key]  # the full snapshot of this step is held already: it serves better
+        older = sorted(s for u, s in self._blobs if u == unit and s < self._base(unit, step, full))
         reclaimable = sum(self._sizes[(unit, s)] for s in older)
         free = self.limit_bytes - self._used + self._sizes.get(key, 0)
         if size > free + reclaimable:
@@ -124,8 +134,8 @@ class MemoryPool:
                 f"{self.name} cannot hold the snapshot of unit {unit!r} at step {step}: it needs "
                 f"{_mb(size)} ({size} bytes) but only {_mb(free + reclaimable)} would be free "
                 f"of the {_mb(self.limit_bytes)} limit ({self.limit_bytes} bytes) even after evicting "
-                f"unit {unit!r}'s older steps {older}. Raise MemoryPool(limit_bytes=...), start more "
-                "pools, or drop_before() steps no recovery needs.",
+                f"unit {unit!r}'s steps {older}, which it makes useless. Raise "
+                "MemoryPool(limit_bytes=...), start more pools, or drop_before() steps no recovery needs.",
                 pool=self.name,
                 unit=unit,
                 step=step,
@@ -144,6 +154,19 @@ class MemoryPool:
         self._sizes[key] = size
         self._used += size
         return size
+
+    def _base(self, unit: Owner, step: int, full: bool) -> int:
+        """The oldest step of ``unit`` still needed once its blob of ``step`` is held: ``step`` itself
+        for a full snapshot; for a gradient record, the newest full snapshot before it (the record
+        redoes its step on top of that snapshot and the records between), or ``step`` if none."""
+        if full:
+            return step
+        bases = [
+            s
+            for (u, s), blob in self._blobs.items()
+            if u == unit and s < step and (isinstance(blob, bytes) or not blob.is_gradient_record)
+        ]
+        return max(bases, default=step)
 
     def get(self, unit: Owner, step: int | None = None) -> Held:
         """The blob of ``unit`` at ``step``, or its newest when ``step`` is None."""

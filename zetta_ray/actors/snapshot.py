@@ -22,6 +22,16 @@ restored bitwise.
 The step is the number of optimizer steps completed, as in ``checkpoint.Snapshot`` and the runtime's
 ``ExpertRuntime.step`` after ``step_experts``. Restoring does not check it against ``steps_applied``
 (a run resumed from a durable checkpoint may count from a later step than its units did).
+
+**Gradient records** (``unit_gradients``) are the cheap kind of snapshot: the gradients one optimizer
+step consumed and the hyperparameters it ran with (the param groups' lr, betas, weight decay...), plus
+the RNG state and counters after it. A third of a whole snapshot's bytes (AdamW keeps two moments per
+parameter), and enough to redo that step: ``restore`` of a whole snapshot of step ``b`` followed by
+``restore`` of the records of steps ``b+1 .. s`` in order leaves the unit bitwise where it was after
+step ``s``, because an optimizer step is a deterministic function of the state, the gradients and the
+hyperparameters. No forward or backward is recomputed. This holds for optimizers that read ``.grad``
+without changing it, as ``torch.optim``'s do; the fault manager takes a whole snapshot every
+``TrickleCheckpoint.full_every`` steps and records in between (docs/recovery.md).
 """
 
 from __future__ import annotations
@@ -31,12 +41,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from zetta_ray.checkpoint import Snapshot
+from zetta_ray.actors.wire import to_wire, tree_from_wire, tree_to_wire
+from zetta_ray.checkpoint import GRADIENT_RECORD, Snapshot
 
 if TYPE_CHECKING:
     from zetta_ray.actors.compute_unit import ComputeUnit
 
-__all__ = ["restore_unit", "unit_snapshot"]
+__all__ = ["restore_unit", "unit_gradients", "unit_snapshot"]
 
 
 def unit_snapshot(unit: ComputeUnit, step: int, *, copy: bool = True) -> Snapshot:
@@ -63,6 +74,35 @@ def unit_snapshot(unit: ComputeUnit, step: int, *, copy: bool = True) -> Snapsho
     )
 
 
+def unit_gradients(unit: ComputeUnit, step: int, *, copy: bool = True) -> Snapshot:
+    """The gradient record of ``unit``'s optimizer step ``step`` (see the module docstring): taken, like a
+    snapshot, after that step and before the gradients are zeroed. ``copy=False`` gives views of the
+    live gradients (see ``unit_snapshot``)."""
+    optimizer = unit.optimizer
+    if optimizer is None:
+        raise RuntimeError(f"unit {unit.unit_id}: a gradient record of step {step} before set_optimizer")
+    grads = {
+        f"{layer}.{expert}.{name}": to_wire(p.grad.clone() if copy else p.grad)
+        for (layer, expert), module in unit.experts.items()
+        for name, p in module.named_parameters()
+        if p.grad is not None
+    }
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    return Snapshot(
+        step=step,
+        tensors=grads,
+        optimizer={"param_groups": tree_to_wire(groups, copy=True)},
+        rng={"torch": _rng_at_step(unit).numpy().copy()},
+        mesh={"unit": unit.unit_id, "experts": [list(k) for k in sorted(unit.experts)]},
+        extra={
+            "kind": GRADIENT_RECORD,
+            "steps_applied": unit.steps_applied,
+            "grad_epoch": unit._grad_epoch,
+            "optimizer_class": type(optimizer).__name__,
+        },
+    )
+
+
 def _rng_at_step(unit: ComputeUnit) -> torch.Tensor:
     """The RNG state as of the unit's last optimizer step: a snapshot taken later in a step (after a
     replacement's replayed forwards) must not include what those forwards drew, since a restore replays
@@ -79,14 +119,13 @@ def restore_unit(unit: ComputeUnit, snapshot: Snapshot) -> int:
     ``set_optimizer`` before restoring. A snapshot taken before ``set_optimizer`` leaves the unit
     without an optimizer, as it was. Activations and gradients are cleared: calls of the unfinished
     step are to be replayed from the start.
+
+    A gradient record (``unit_gradients``) instead redoes its optimizer step on the unit's state, which
+    must be that of the step before (a whole snapshot or record of ``snapshot.step - 1`` restored last).
     """
-    experts = [tuple(k) for k in snapshot.mesh.get("experts", [])]
-    if experts and experts != sorted(unit.experts):
-        raise ValueError(
-            f"snapshot of unit {snapshot.mesh.get('unit')} (experts {experts}) cannot restore unit "
-            f"{unit.unit_id}, which hosts experts {sorted(unit.experts)}; build the replacement unit with "
-            "the same experts as the unit that died"
-        )
+    _check_experts(unit, snapshot)
+    if snapshot.is_gradient_record:
+        return _redo_step(unit, snapshot)
     unit.load_state_dict(snapshot.tensors)
     if snapshot.optimizer:
         if unit.optimizer is None:
@@ -96,6 +135,44 @@ def restore_unit(unit: ComputeUnit, snapshot: Snapshot) -> int:
         unit.load_optimizer_state_dict(snapshot.optimizer)
     else:
         unit.optimizer = None  # taken before set_optimizer: so is the restored unit
+    _set_counters(unit, snapshot)
+    return snapshot.step
+
+
+def _redo_step(unit: ComputeUnit, record: Snapshot) -> int:
+    """Apply the optimizer step that ``record`` recorded: its gradients, with its hyperparameters."""
+    if unit.optimizer is None:
+        raise RuntimeError(
+            f"unit {unit.unit_id}: the gradient record of step {record.step} needs the unit's state after "
+            f"step {record.step - 1} first; restore that whole snapshot before the records after it"
+        )
+    if unit.steps_applied != int(record.extra["steps_applied"]) - 1:
+        raise ValueError(
+            f"unit {unit.unit_id} has applied {unit.steps_applied} optimizer steps, but the gradient record "
+            f"of step {record.step} was taken after {record.extra['steps_applied']}: records must be "
+            "restored in order, each on the state of the step before it"
+        )
+    _check_optimizer_class(unit, record.extra.get("optimizer_class"))
+    groups = tree_from_wire(record.optimizer["param_groups"])
+    if len(groups) != len(unit.optimizer.param_groups):
+        raise ValueError(
+            f"unit {unit.unit_id}: the gradient record of step {record.step} has {len(groups)} param "
+            f"groups, the unit's optimizer {len(unit.optimizer.param_groups)}"
+        )
+    for group, saved in zip(unit.optimizer.param_groups, groups, strict=True):
+        group.update(saved)
+    for (layer, expert), module in unit.experts.items():
+        for name, p in module.named_parameters():
+            g = record.tensors.get(f"{layer}.{expert}.{name}")
+            p.grad = None if g is None else torch.from_numpy(np.array(g))  # owned, writable
+    unit.optimizer.step()
+    _set_counters(unit, record)
+    return record.step
+
+
+def _set_counters(unit: ComputeUnit, snapshot: Snapshot) -> None:
+    """RNG state, step count and gradient epoch as ``snapshot`` recorded them; no activations, no
+    gradients (calls of the unfinished step are replayed from its start)."""
     rng = torch.from_numpy(np.ascontiguousarray(snapshot.rng["torch"], dtype=np.uint8)).clone()
     torch.set_rng_state(rng)
     unit.rng_at_step = rng
@@ -103,7 +180,16 @@ def restore_unit(unit: ComputeUnit, snapshot: Snapshot) -> int:
     unit._grad_epoch = int(snapshot.extra["grad_epoch"])
     unit._saved.clear()
     unit.zero_grad()
-    return snapshot.step
+
+
+def _check_experts(unit: ComputeUnit, snapshot: Snapshot) -> None:
+    experts = [tuple(k) for k in snapshot.mesh.get("experts", [])]
+    if experts and experts != sorted(unit.experts):
+        raise ValueError(
+            f"snapshot of unit {snapshot.mesh.get('unit')} (experts {experts}) cannot restore unit "
+            f"{unit.unit_id}, which hosts experts {sorted(unit.experts)}; build the replacement unit with "
+            "the same experts as the unit that died"
+        )
 
 
 def _build_optimizer(unit: ComputeUnit, name: Any) -> torch.optim.Optimizer:

@@ -28,6 +28,7 @@ from zetta_ray.checkpoint.layout import MANIFEST, MARKER, CheckpointInfo, PartEn
 from zetta_ray.checkpoint.policy import TrickleDecision, TrickleState, decide, should_snapshot
 from zetta_ray.checkpoint.replicas import choose_replica_nodes
 from zetta_ray.checkpoint.snapshot import (
+    GRADIENT_RECORD,
     Snapshot,
     SnapshotManifest,
     TensorEntry,
@@ -38,6 +39,7 @@ from zetta_ray.checkpoint.snapshot import (
 from zetta_ray.checkpoint.store import DurableStore
 
 __all__ = [
+    "GRADIENT_RECORD",
     "MANIFEST",
     "MARKER",
     "AsyncFlusher",

@@ -42,6 +42,7 @@ from zetta_ray.checkpoint.errors import CorruptCheckpointError, SnapshotFormatEr
 from zetta_ray.checkpoint.tree import flatten, pack, unflatten, unpack
 
 __all__ = [
+    "GRADIENT_RECORD",
     "Snapshot",
     "SnapshotManifest",
     "TensorEntry",
@@ -50,6 +51,7 @@ __all__ = [
     "read_manifest",
 ]
 
+GRADIENT_RECORD = "gradients"  # ``Snapshot.extra["kind"]`` of a gradient record
 _META_KEY = "zetta_ray"
 _VERSION = "v1"
 _FIELDS = ("tensors", "optimizer", "rng", "data_position", "mesh", "extra")
@@ -91,6 +93,13 @@ class Snapshot:
                 f"Snapshot.tensors must map str names to numpy arrays; offending keys {bad[:5]!r} "
                 "(convert torch tensors with .detach().cpu().numpy())"
             )
+
+    @property
+    def is_gradient_record(self) -> bool:
+        """Whether this is a compute unit's gradient record (``extra["kind"] == "gradients"``): the
+        gradients and hyperparameters of one optimizer step, which redo that step on the state of the
+        step before (``zetta_ray.actors.snapshot``), not a whole state."""
+        return self.extra.get("kind") == GRADIENT_RECORD
 
     @property
     def nbytes(self) -> int:

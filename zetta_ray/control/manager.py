@@ -6,14 +6,19 @@ it (``decide_replica_nodes``, ``decide_recovery``, ``ReplayLog``). The protocol 
 1. Every call that changes a unit's state is journaled before it is sent (the runtime's ``journal``).
 2. After every ``every``-th optimizer step the manager asks each unit for a snapshot (sent right after
    the unit's ``step`` call, so it captures exactly that state) and has R MemoryPool actors on other
-   nodes copy it. Nobody waits: acknowledgements are collected at the next step.
+   nodes copy it. Nobody waits: acknowledgements are collected at the next step. With ``every=1``, only
+   every ``full_every``-th snapshot of a unit is its full state; the ones between are gradient records
+   (the step's gradients and hyperparameters, a third of the bytes), sent to the same pools, which redo
+   their steps on the full snapshot they follow.
 3. When every unit's snapshot of step ``s`` is stored on all its replicas, the journal drops the calls
-   before ``s`` and the pools drop older snapshots.
+   before ``s`` and the pools drop what restoring ``s`` no longer needs (for a record, the steps before
+   its full snapshot).
 4. When a unit fails (its actor or node died, or a call missed its deadline), the runtime hands the
    fault here: a replacement starts (on a spare bundle, its own bundle, or another live node), restores
-   the newest stored snapshot, receives the journaled calls since then in their original order, and the
-   runtime's wait goes on with the replacement's results. Every call is deterministic, so the state is
-   bit for bit what it would have been; each optimizer step is applied exactly once to the restored state.
+   the newest stored snapshot (a full one, then the records after it in order), receives the journaled
+   calls since then in their original order, and the runtime's wait goes on with the replacement's
+   results. Every call is deterministic, so the state is bit for bit what it would have been; each
+   optimizer step is applied exactly once to the restored state.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ class RecoveryEvent:
     node: str | None
     restored_step: int | None
     replayed_calls: int
+    redone_records: int  # optimizer steps redone from gradient records on top of a full snapshot
     recovery_s: float
     detail: str
 
@@ -82,6 +88,17 @@ class _Put:
     ref: ray.ObjectRef
     sent: float
     round: _SnapshotRound
+    base: int  # the step of the full snapshot it restores from: ``step`` itself, or a record's chain start
+
+
+@dataclass(frozen=True, slots=True)
+class _Chain:
+    """A unit's gradient records build on its full snapshot of step ``base``, sent to ``targets``; the
+    newest snapshot sent is of step ``last``."""
+
+    base: int
+    last: int
+    targets: tuple[tuple[str, str], ...]
 
 
 @dataclass(slots=True)
@@ -92,7 +109,7 @@ class _Restoring:
     node: str
     fault: Any
     decision: Any
-    restored: ray.ObjectRef
+    restored: list[ray.ObjectRef]  # one per snapshot restored: the full one, then the records after it
 
 
 def raylet_answers(node: dict[str, Any]) -> bool:
@@ -145,6 +162,8 @@ class FaultManager:
         self._puts: list[_Put] = []
         self._rounds: list[_SnapshotRound] = []
         self._targets: dict[tuple[Any, ...], tuple[tuple[str, str], ...]] = {}
+        self._chains: dict[int, _Chain] = {}  # unit -> what its next gradient record would build on
+        self._broken: set[int] = set()  # units whose chain lost a put: their next snapshot is full
         self.committed_step = -1  # the newest step whose snapshots are stored on all their replicas
         self.durable = (
             DurableCheckpointer(config, deadline_s=deadline_s) if config.durable_uri is not None else None
@@ -176,25 +195,37 @@ class FaultManager:
         if runtime.step % self.config.every == 0:
             self.snapshot(runtime)
 
-    def snapshot(self, runtime: Any, wait: bool = False, units: list[int] | None = None) -> None:
+    def snapshot(
+        self, runtime: Any, wait: bool = False, units: list[int] | None = None, full: bool = False
+    ) -> None:
         """Ask every unit (or those in ``units``) for its state after ``runtime.step`` optimizer steps and
         store it on R pools. Ray runs the call after the calls sent so far, so a unit in the middle of a
         step (a replacement that was just replayed) is snapshotted as of its last optimizer step.
 
+        A unit's snapshot is a gradient record when ``_record_base`` allows (``full``, ``wait`` and
+        ``units`` ask for full snapshots: a replacement mid-step has no gradients of the last step).
         ``wait`` blocks until the copies are stored (the step-0 snapshot does, so that a unit lost before
         its first step can already be restored)."""
         step = runtime.step
+        full = full or wait or units is not None
         round_ = _SnapshotRound(step, partial=units is not None)
         now = time.monotonic()
         for u, unit in enumerate(runtime.units):
             if units is not None and u not in units:
                 continue
-            blob = unit.snapshot.remote(step, False)  # owned here; the unit writes it once, pools hold it
             targets = self._replica_targets(u)
+            base = None if full else self._record_base(u, step, targets)
+            if base is None:  # either way the blob is owned here; the unit writes it once, pools hold it
+                base = step
+                blob = unit.snapshot.remote(step, False)
+                self._broken.discard(u)
+            else:
+                blob = unit.gradient_record.remote(step, False)
+            self._chains[u] = _Chain(base, step, targets)
             round_.waiting[u] = len(targets)
             for pool, node in targets:
                 ref = self.pools[pool].put.remote(u, step, blob)
-                self._puts.append(_Put(u, step, pool, node, ref, now, round_))
+                self._puts.append(_Put(u, step, pool, node, ref, now, round_, base))
         self._rounds.append(round_)
         if wait:
             deadline = time.monotonic() + self.deadline_s
@@ -205,6 +236,23 @@ class FaultManager:
                     f"the step-{step} snapshot was not stored within {self.deadline_s:g} s "
                     f"(acknowledgements missing: {round_.waiting}); check the MemoryPool actors"
                 )
+
+    def _record_base(self, u: int, step: int, targets: tuple[tuple[str, str], ...]) -> int | None:
+        """The full snapshot that a gradient record of unit ``u``'s step ``step`` would build on, or None
+        when the snapshot must be full: records are off (``full_every=1``, or ``every`` > 1 leaves steps
+        without a record), the chain is ``full_every`` long, a put of it failed, its last snapshot is not
+        of the step before, or its pools changed (a record is useless where its chain is not)."""
+        chain = self._chains.get(u)
+        if (
+            self.config.every != 1
+            or chain is None
+            or u in self._broken
+            or chain.targets != targets
+            or chain.last != step - 1
+            or step - chain.base >= self.config.full_every
+        ):
+            return None
+        return chain.base
 
     def _replica_targets(self, u: int) -> tuple[tuple[str, str], ...]:
         """Where unit ``u``'s next snapshot goes; decided again only when the pools change.
@@ -238,6 +286,7 @@ class FaultManager:
                     logger.warning(
                         "snapshot of unit %d step %d to %s timed out", put.unit, put.step, put.pool
                     )
+                    self._broken.add(put.unit)
                 else:
                     still.append(put)
                 continue
@@ -245,9 +294,11 @@ class FaultManager:
                 ray.get(put.ref, timeout=self.deadline_s)
             except PoolFullError as e:
                 self.full_pools.add(put.pool)
+                self._broken.add(put.unit)
                 logger.warning("pool %s is full: %s", put.pool, e)
                 continue
             except ray.exceptions.RayError as e:
+                self._broken.add(put.unit)
                 # Not proof the pool died: the unit that made the blob may be the one that did.
                 logger.warning(
                     "snapshot of unit %d step %d to %s failed: %s",
@@ -259,7 +310,7 @@ class FaultManager:
                 if put.pool not in self.dead_pools and not self._pool_alive(put.pool):
                     self._replace_pool(put.pool)
                 continue
-            self.acked.setdefault(put.unit, []).append(Replica(put.pool, put.node, put.step))
+            self._acknowledge(put)
             put.round.waiting[put.unit] -= 1
         self._puts = still
         for r in [r for r in self._rounds if r.partial and not any(r.waiting.values())]:
@@ -268,8 +319,22 @@ class FaultManager:
         complete = [r.step for r in self._rounds if not any(r.waiting.values())]
         if complete:  # the newest fully stored snapshot makes every older one unnecessary
             newest = max(complete)
-            self._rounds = [r for r in self._rounds if r.step > newest]
+            # (a step can have two rounds: its records, then the full snapshots a durable checkpoint
+            # needs; the second commits that step again)
+            self._rounds = [
+                r for r in self._rounds if r.step > newest or (r.step == newest and any(r.waiting.values()))
+            ]
             self._commit(newest)
+
+    def _acknowledge(self, put: _Put) -> None:
+        """Count ``put``'s replica as stored. A pool keeps a full snapshot over a record of the same step
+        (``MemoryPool.put``), and so does this count."""
+        held = self.acked.setdefault(put.unit, [])
+        same = [r for r in held if r.pool == put.pool and r.step == put.step]
+        if any(r.start == r.step for r in same):
+            return
+        held[:] = [r for r in held if r not in same]
+        held.append(Replica(put.pool, put.node, put.step, put.base))
 
     def _drop_puts(self, doomed: Callable[[_Put], bool]) -> None:
         """Stop waiting for the puts in flight that ``doomed(put)`` says will never land; like failed
@@ -279,6 +344,7 @@ class FaultManager:
             if not doomed(put):
                 kept.append(put)
                 continue
+            self._broken.add(put.unit)
             logger.warning(
                 "snapshot of unit %d step %d to %s abandoned: its unit's or pool's node is dead",
                 put.unit,
@@ -341,22 +407,27 @@ class FaultManager:
             return
         self.log.commit(step)
         self.committed_step = max(self.committed_step, step)
-        if self.durable is not None and self.durable.wants(step):
+        full = {u: [r for r in replicas if r.step == step == r.start] for u, replicas in self.acked.items()}
+        if self.durable is not None and self.durable.wants(step) and all(full.values()):
+            # (a step whose units sent records gets its full snapshots from stage_durable, and commits
+            # again when they are stored)
             fetch = {  # sent now, so that the drop_before calls below cannot overtake them
-                u: [self.pools[r.pool].get.remote(u, step) for r in replicas if r.step == step]
-                for u, replicas in self.acked.items()
+                u: [self.pools[r.pool].get.remote(u, step) for r in replicas] for u, replicas in full.items()
             }
             self.durable.commit(step, fetch)
         self._drop_stale(step, list(self.acked))
 
     def _drop_stale(self, step: int, units: list[int]) -> None:
+        """Forget the replicas that restoring ``step`` does not need: those before the full snapshot that
+        each unit's replicas of ``step`` start from."""
         stale = set()
         for u in units:
             replicas = self.acked.get(u, [])
-            stale |= {(r.pool, u) for r in replicas if r.step < step and r.pool not in self.dead_pools}
-            self.acked[u] = [r for r in replicas if r.step >= step]
-        for pool, u in sorted(stale):
-            self.pools[pool].drop_before.remote(u, step)  # fire-and-forget housekeeping
+            keep = min((r.start for r in replicas if r.step == step), default=step)
+            stale |= {(r.pool, u, keep) for r in replicas if r.step < keep and r.pool not in self.dead_pools}
+            self.acked[u] = [r for r in replicas if r.step >= keep]
+        for pool, u, keep in sorted(stale):
+            self.pools[pool].drop_before.remote(u, keep)  # fire-and-forget housekeeping
 
     # -- recovery -----------------------------------------------------------------------------------------
 
@@ -419,8 +490,9 @@ class FaultManager:
         if decision.action is RecoveryAction.FAIL:
             raise RecoveryFailed(f"cannot recover unit {u}: {decision.reason}") from error
         new, node = self._start_replacement(runtime, u, decision, old_node)
-        replica = decision.restore_from
-        restored = new.restore.remote(self.pools[replica.pool].get.remote(u, replica.step))
+        replica, pool = decision.restore_from, self.pools[decision.restore_from.pool]
+        # the full snapshot, then the records after it: Ray runs one caller's calls to an actor in order
+        restored = [new.restore.remote(pool.get.remote(u, s)) for s in range(replica.start, replica.step + 1)]
         return _Restoring(new, node, fault, decision, restored)
 
     def _finish(
@@ -449,7 +521,8 @@ class FaultManager:
                 if pool_gone:
                     self.dead_pools.add(replica.pool)
                 elif isinstance(getattr(e, "cause", None), SnapshotNotHeldError):
-                    self.acked[u] = [r for r in self.acked.get(u, []) if r != replica]
+                    # a step of its chain is gone from that pool: none of the pool's copies is usable
+                    self.acked[u] = [r for r in self.acked.get(u, []) if r.pool != replica.pool]
                 ray.kill(begun.new, no_restart=True)
         else:
             raise RecoveryFailed(
@@ -482,18 +555,21 @@ class FaultManager:
                 node=node,
                 restored_step=replica.step,
                 replayed_calls=len(replay),
+                redone_records=replica.step - replica.start,
                 recovery_s=time.monotonic() - start,
                 detail=str(error),
             )
         )
         logger.warning(
-            "recovered unit %d (%s in %s at step %d) on node %s from snapshot %d, replaying %d calls",
+            "recovered unit %d (%s in %s at step %d) on node %s from snapshot %d (%d gradient records "
+            "redone), replaying %d calls",
             u,
             fault.kind,
             error.phase,
             error.step,
             node[:8],
             replica.step,
+            replica.step - replica.start,
             len(replay),
         )
 
@@ -513,10 +589,10 @@ class FaultManager:
         units' snapshots of this step are stored (snapshotting now if this step has none)."""
         step = runtime.step
         self.durable.stage(step, dense)
-        if step <= self.committed_step:  # its snapshots landed already
+        if not all(u in self._chains and self._chains[u].base == step for u in range(len(runtime.units))):
+            self.snapshot(runtime, full=True)  # none this step, or records: a checkpoint needs full state
+        elif step <= self.committed_step:  # its snapshots landed already
             self._commit(step)
-        elif step % self.config.every:
-            self.snapshot(runtime)
 
     def finish_durable(self) -> None:
         """Wait until every staged durable checkpoint is written; raise if one could not be."""

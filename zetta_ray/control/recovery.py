@@ -9,8 +9,10 @@ The rules, in order:
 
 1. A unit that raised an error of its own is not replaced: replaying its calls would raise it again.
 2. Restore the newest step held by a surviving replica: its pool is not dead and its node is live. A
-   replica older than the replay log's first step cannot be brought forward and does not count. Ties
-   go to the replica on the replacement's own node (a local read), then to the lowest pool id.
+   gradient record counts only where the same pool holds its whole chain (the full snapshot it starts
+   from and every record after it). A replica older than the replay log's first step cannot be brought
+   forward and does not count. Ties go to the replica on the replacement's own node (a local read),
+   then to the lowest pool id.
 3. Put the replacement on a spare bundle (on a live node) if there is one, else on a live node with a
    free slot. Either way, prefer nodes that hold no replica of this unit: a replacement that shares a
    node with its own replica loses both when that node dies. Among nodes, prefer one other than where
@@ -45,11 +47,21 @@ class RecoveryAction(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Replica:
-    """A snapshot copy: pool ``pool`` on node ``node`` holds ``step`` of some unit."""
+    """A snapshot copy: pool ``pool`` on node ``node`` holds ``step`` of some unit.
+
+    ``base`` is the step of the full snapshot a restore of it starts from: None (or ``step``) for a full
+    snapshot; for a gradient record, the full snapshot its chain starts from, after which every step up to
+    ``step`` is redone from the same pool's records."""
 
     pool: PoolId
     node: str
     step: int
+    base: int | None = None
+
+    @property
+    def start(self) -> int:
+        """The step of the full snapshot that restoring this replica loads first."""
+        return self.step if self.base is None else self.base
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,16 +163,22 @@ def _decide_unit(
             f"raise the same error, so fix its cause. {durable}"
         )
     surviving = [r for r in replicas if r.node in live and r.pool not in dead_pools]
-    usable = [r for r in surviving if log_start is None or r.step >= log_start]
+    held = {(r.pool, r.step) for r in surviving}
+    whole = [r for r in surviving if all((r.pool, s) in held for s in range(r.start, r.step))]
+    usable = [r for r in whole if log_start is None or r.step >= log_start]
     if not usable:
-        held = ", ".join(f"step {r.step} in pool {r.pool!r} on {r.node}" for r in replicas) or "none"
-        if surviving:
+        if whole:
             why = (
-                f"its newest surviving snapshot (step {max(r.step for r in surviving)}) is older than the "
+                f"its newest surviving snapshot (step {max(r.step for r in whole)}) is older than the "
                 f"replay log, which starts at step {log_start}"
             )
+        elif surviving:
+            why = (
+                "no surviving pool holds a whole chain of its snapshots (a full snapshot and every "
+                f"gradient record after it; surviving: {_held(surviving)})"
+            )
         else:
-            why = f"no replica of its snapshot survives (replicas stored: {held})"
+            why = f"no replica of its snapshot survives (replicas stored: {_held(replicas) or 'none'})"
         return _fail(f"{what}; {why}. Raise TrickleCheckpoint(replicas=...) to survive this. {durable}")
     newest = max(r.step for r in usable)
     replica_nodes = {r.node for r in surviving}
@@ -187,16 +205,26 @@ def _decide_unit(
         where = f"node {node} ({room[node]} free slot(s))"
     source = min((r for r in usable if r.step == newest), key=lambda r: (r.node != node, str(r.pool)))
     shared = " (it holds a replica of this unit: no other place was free)" if node in replica_nodes else ""
+    records = (
+        f" (the full snapshot of step {source.start} and the gradient records of steps "
+        f"{source.start + 1}..{newest})"
+        if source.start < newest
+        else ""
+    )
     reason = (
-        f"{what}; restart it on {where}{shared}, restore step {newest} from pool {source.pool!r} on "
-        f"node {source.node} (newest of {len(surviving)} surviving replica(s)) and replay its logged "
-        f"calls of steps >= {newest}"
+        f"{what}; restart it on {where}{shared}, restore step {newest}{records} from pool "
+        f"{source.pool!r} on node {source.node} (newest of {len(surviving)} surviving replica(s)) and "
+        f"replay its logged calls of steps >= {newest}"
     )
     if fault.kind == "deadline":
         reason += "; kill the stalled actor first"
     return RecoveryDecision(
         action=action, reason=reason, node=node, spare=spare, restore_from=source, replay_since=newest
     )
+
+
+def _held(replicas: Sequence[Replica]) -> str:
+    return ", ".join(f"step {r.step} in pool {r.pool!r} on {r.node}" for r in replicas)
 
 
 def _decide_pool(fault: Fault, live: set[str], pools_by_node: Mapping[str, int]) -> RecoveryDecision:
