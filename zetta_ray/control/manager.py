@@ -293,9 +293,13 @@ class FaultManager:
             try:
                 ray.get(put.ref, timeout=self.deadline_s)
             except PoolFullError as e:
-                self.full_pools.add(put.pool)
                 self._broken.add(put.unit)
-                logger.warning("pool %s is full: %s", put.pool, e)
+                if put.base != put.step:
+                    # a record that does not fit beside its chain: the next full snapshot may evict it
+                    logger.info("pool %s has no room for a gradient record: %s", put.pool, e)
+                else:
+                    self.full_pools.add(put.pool)
+                    logger.warning("pool %s is full: %s", put.pool, e)
                 continue
             except ray.exceptions.RayError as e:
                 self._broken.add(put.unit)
