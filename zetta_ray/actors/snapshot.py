@@ -25,12 +25,12 @@ The step is the number of optimizer steps completed, as in ``checkpoint.Snapshot
 
 **Gradient records** (``unit_gradients``) are the cheap kind of snapshot: the gradients one optimizer
 step consumed and the hyperparameters it ran with (the param groups' lr, betas, weight decay...), plus
-the RNG state and counters after it. A third of a whole snapshot's bytes (AdamW keeps two moments per
-parameter), and enough to redo that step: ``restore`` of a whole snapshot of step ``b`` followed by
+the RNG state and counters after it. A third of a full snapshot's bytes (AdamW keeps two moments per
+parameter), and enough to redo that step: ``restore`` of a full snapshot of step ``b`` followed by
 ``restore`` of the records of steps ``b+1 .. s`` in order leaves the unit bitwise where it was after
 step ``s``, because an optimizer step is a deterministic function of the state, the gradients and the
 hyperparameters. No forward or backward is recomputed. This holds for optimizers that read ``.grad``
-without changing it, as ``torch.optim``'s do; the fault manager takes a whole snapshot every
+without changing it, as ``torch.optim``'s do; the fault manager takes a full snapshot every
 ``TrickleCheckpoint.full_every`` steps and records in between (docs/recovery.md).
 """
 
@@ -121,7 +121,7 @@ def restore_unit(unit: ComputeUnit, snapshot: Snapshot) -> int:
     step are to be replayed from the start.
 
     A gradient record (``unit_gradients``) instead redoes its optimizer step on the unit's state, which
-    must be that of the step before (a whole snapshot or record of ``snapshot.step - 1`` restored last).
+    must be that of the step before (a full snapshot or record of ``snapshot.step - 1`` restored last).
     """
     _check_experts(unit, snapshot)
     if snapshot.is_gradient_record:
@@ -144,7 +144,7 @@ def _redo_step(unit: ComputeUnit, record: Snapshot) -> int:
     if unit.optimizer is None:
         raise RuntimeError(
             f"unit {unit.unit_id}: the gradient record of step {record.step} needs the unit's state after "
-            f"step {record.step - 1} first; restore that whole snapshot before the records after it"
+            f"step {record.step - 1} first; restore that full snapshot before the records after it"
         )
     if unit.steps_applied != int(record.extra["steps_applied"]) - 1:
         raise ValueError(

@@ -98,7 +98,7 @@ class Snapshot:
     def is_gradient_record(self) -> bool:
         """Whether this is a compute unit's gradient record (``extra["kind"] == "gradients"``): the
         gradients and hyperparameters of one optimizer step, which redo that step on the state of the
-        step before (``zetta_ray.actors.snapshot``), not a whole state."""
+        step before (``zetta_ray.actors.snapshot``), not a full state."""
         return self.extra.get("kind") == GRADIENT_RECORD
 
     @property
