@@ -76,6 +76,12 @@ class SnapshotNotHeldError(ZettaError, LookupError):
             setattr(self, name, attrs.get(name))
 
 
+def _is_full(blob: Held) -> bool:
+    """Whether ``blob`` restores on its own: a snapshot's bytes, or a ``Snapshot`` that is no gradient
+    record."""
+    return isinstance(blob, bytes) or not blob.is_gradient_record
+
+
 def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} B"
 
@@ -122,9 +128,9 @@ class MemoryPool:
                 "key a snapshot by the step it was taken at (Snapshot.step)"
             )
         key = (unit, step)
-        full = isinstance(data, bytes) or not data.is_gradient_record
+        full = _is_full(data)
         held = self._blobs.get(key)
-        if not full and held is not None and (isinstance(held, bytes) or not held.is_gradient_record):
+        if not full and held is not None and _is_full(held):
             return self._sizes[key]  # the full snapshot of this step is held already: it serves better
         older = sorted(s for u, s in self._blobs if u == unit and s < self._base(unit, step, full))
         reclaimable = sum(self._sizes[(unit, s)] for s in older)
@@ -161,11 +167,7 @@ class MemoryPool:
         redoes its step on top of that snapshot and the records between), or ``step`` if none."""
         if full:
             return step
-        bases = [
-            s
-            for (u, s), blob in self._blobs.items()
-            if u == unit and s < step and (isinstance(blob, bytes) or not blob.is_gradient_record)
-        ]
+        bases = [s for (u, s), blob in self._blobs.items() if u == unit and s < step and _is_full(blob)]
         return max(bases, default=step)
 
     def get(self, unit: Owner, step: int | None = None) -> Held:

@@ -411,14 +411,15 @@ class FaultManager:
             return
         self.log.commit(step)
         self.committed_step = max(self.committed_step, step)
-        full = {u: [r for r in replicas if r.step == step == r.start] for u, replicas in self.acked.items()}
-        if self.durable is not None and self.durable.wants(step) and all(full.values()):
+        if self.durable is not None and self.durable.wants(step):
+            full = {u: [r for r in rs if r.step == step == r.start] for u, rs in self.acked.items()}
             # (a step whose units sent records gets its full snapshots from stage_durable, and commits
             # again when they are stored)
-            fetch = {  # sent now, so that the drop_before calls below cannot overtake them
-                u: [self.pools[r.pool].get.remote(u, step) for r in replicas] for u, replicas in full.items()
-            }
-            self.durable.commit(step, fetch)
+            if all(full.values()):
+                fetch = {  # sent now, so that the drop_before calls below cannot overtake them
+                    u: [self.pools[r.pool].get.remote(u, step) for r in rs] for u, rs in full.items()
+                }
+                self.durable.commit(step, fetch)
         self._drop_stale(step, list(self.acked))
 
     def _drop_stale(self, step: int, units: list[int]) -> None:
