@@ -3,11 +3,13 @@
 Two copies of the same d_model=512 MoE transformer (benchmarks/recovery.py's model, 4 units each) train
 side by side, one with a snapshot of every unit after every step (the default) and one with
 ``checkpoint=False``, in interleaved blocks of steps. For each measured step the script reads, from
-/proc, the CPU seconds and minor page faults of that module's units, its MemoryPool actors and the
-controller, after a short pause so that the snapshot's asynchronous work (the units' write into the
+/proc, the CPU seconds (nanosecond run times of each thread) and minor page faults of that module's
+units, its MemoryPool actors, the controller and the node's raylet (which hosts the object store),
+after a short pause so that the snapshot's asynchronous work (the units' write into the
 object store, the pools' puts) is counted in the step that caused it. The snapshot's cost is the
-difference of the medians, in CPU seconds per step and as a share of the step's CPU; the floor is a
-plain warm memcpy of the same bytes, timed here.
+difference of the medians, in CPU seconds per step and as a share of the step's CPU (the median step
+carries a gradient record; ``mean_share_of_step_cpu`` counts the full snapshots' steps too); the
+floor is a plain warm memcpy of a full snapshot's bytes, timed here.
 
 CPU seconds drift less than wall time on a shared machine, and on a machine whose cores are all busy
 training (2 cores here), extra CPU is extra step time: the share is the overhead to expect, which
@@ -31,15 +33,24 @@ from recovery import _model, _step
 
 import zetta_ray as zr
 
-TICKS = os.sysconf("SC_CLK_TCK")
+GROUPS = ("units", "pools", "controller", "raylet")
 PAUSE_S = 0.3  # after each step: the snapshot's asynchronous work finishes inside the measured window
 
 
 def _proc(pid: int) -> tuple[int, float]:
-    """(minor page faults, CPU seconds) of process ``pid`` so far."""
+    """(minor page faults, CPU seconds) of process ``pid`` so far. The CPU time is the sum of its live
+    threads' nanosecond run times (/proc/PID/task/*/schedstat): /proc/PID/stat counts in 10 ms ticks,
+    too coarse for a few milliseconds per step."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[7]), (int(fields[11]) + int(fields[12])) / TICKS
+    ns = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                ns += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):  # the thread ended between listdir and open
+            pass
+    return int(fields[7]), ns / 1e9
 
 
 def _copy_ms(nbytes: int, repeats: int = 5) -> float:
@@ -57,8 +68,12 @@ def _copy_ms(nbytes: int, repeats: int = 5) -> float:
 
 def _pids(dm: zr.DistributedModule) -> dict[str, list[int]]:
     pools = dm._faults.pools.values() if dm._faults is not None else []
+    units = [p["pid"] for p in dm._runtime.ping()]
+    with open(f"/proc/{units[0]}/stat") as f:
+        raylet = int(f.read().rsplit(")", 1)[1].split()[1])  # a worker's parent: its node's raylet
     return {
-        "units": [p["pid"] for p in dm._runtime.ping()],
+        "units": units,
+        "raylet": [raylet],
         "pools": [ray.get(p.stats.remote(), timeout=60)["pid"] for p in pools],
         "controller": [os.getpid()],
     }
@@ -106,9 +121,10 @@ def main() -> None:
     finally:
         for m in mods.values():
             m.close()
+    for s in samples.values():
+        s["total_cpu_s"] = [sum(c) for c in zip(*(s[f"{g}_cpu_s"] for g in GROUPS), strict=True)]
     med = {k: {name: statistics.median(v) for name, v in s.items()} for k, s in samples.items()}
-    for m in med.values():
-        m["total_cpu_s"] = m["units_cpu_s"] + m["pools_cpu_s"] + m["controller_cpu_s"]
+    mean_cpu = {k: statistics.mean(s["total_cpu_s"]) for k, s in samples.items()}
     extra = {
         name: round(med["every_step"][name] - med["none"][name], 4)
         for name in med["none"]
@@ -122,10 +138,12 @@ def main() -> None:
                 "units": 4,
                 "tokens_per_step": args.batch_size * 128,
                 "steps_measured": len(samples["none"]["wall_s"]),
-                "snapshot_bytes_per_step": nbytes,
+                "full_snapshot_bytes": nbytes,
+                "gradient_record_bytes": nbytes // 3,
                 "median_per_step": {k: {n: round(v, 4) for n, v in m.items()} for k, m in med.items()},
                 "snapshot_extra_per_step": extra,
                 "snapshot_share_of_step_cpu": round(extra["total_cpu_s"] / med["none"]["total_cpu_s"], 4),
+                "mean_share_of_step_cpu": round(mean_cpu["every_step"] / mean_cpu["none"] - 1, 4),
                 "memcpy_warm_ms": round(_copy_ms(nbytes), 1),
             }
         ),
