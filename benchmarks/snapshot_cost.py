@@ -37,12 +37,18 @@ GROUPS = ("units", "pools", "controller", "raylet")
 PAUSE_S = 0.3  # after each step: the snapshot's asynchronous work finishes inside the measured window
 
 
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (which may itself hold spaces and
+    parentheses): field 1 is the parent's pid, 7 the minor page faults."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
 def _proc(pid: int) -> tuple[int, float]:
     """(minor page faults, CPU seconds) of process ``pid`` so far. The CPU time is the sum of its live
     threads' nanosecond run times (/proc/PID/task/*/schedstat): /proc/PID/stat counts in 10 ms ticks,
     too coarse for a few milliseconds per step."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+    fields = _stat(pid)
     ns = 0
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
@@ -69,8 +75,7 @@ def _copy_ms(nbytes: int, repeats: int = 5) -> float:
 def _pids(dm: zr.DistributedModule) -> dict[str, list[int]]:
     pools = dm._faults.pools.values() if dm._faults is not None else []
     units = [p["pid"] for p in dm._runtime.ping()]
-    with open(f"/proc/{units[0]}/stat") as f:
-        raylet = int(f.read().rsplit(")", 1)[1].split()[1])  # a worker's parent: its node's raylet
+    raylet = int(_stat(units[0])[1])  # a worker's parent process: its node's raylet
     return {
         "units": units,
         "raylet": [raylet],
