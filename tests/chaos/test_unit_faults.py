@@ -109,17 +109,39 @@ def test_unit_killed_in_each_phase(fault_free, phase, rows):
     ``shared_memory_min_bytes=0`` they go through shared memory, and the replay onto the replacement
     (which may run anywhere) is sent by value (``actors.shm.portable``)."""
 
+    slots = []
+
     def kill(dm, step, now):
         if (step, now) == (FAULT_STEP, phase):
+            # one node: the snapshots went to the pool through shared-memory slots (actors/staging.py)
+            slots.append((dm._runtime.supervisor._stage_prefix, len(dm._runtime.supervisor._slot_busy)))
             ray.kill(dm._runtime.units[1], no_restart=True)
 
     runtime = zr.RuntimeConfig(shared_memory_min_bytes=0) if rows == "shared_memory" else None
     state, recoveries = _train(kill, runtime=runtime)
     _assert_same(state, fault_free)
+    ((prefix, busy),) = slots
+    assert busy > 0
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]  # removed at close
     assert len(recoveries) == 1 and recoveries[0].unit == 1
     assert recoveries[0].restored_step >= FAULT_STEP - 1  # at most one step of work redone
     # restored from the full snapshot of step 0 and the gradient records after it (full_every=8)
     assert recoveries[0].redone_records == recoveries[0].restored_step > 0
+    _no_leftovers()
+
+
+def test_snapshots_through_the_object_store_when_memory_is_not_shared(fault_free):
+    """``shared_memory=False``: no slots; the units' snapshots go through Ray's object store."""
+    used = []
+
+    def kill(dm, step, now):
+        if (step, now) == (FAULT_STEP, "backward"):
+            used.append(len(dm._runtime.supervisor._slot_busy))
+            ray.kill(dm._runtime.units[2], no_restart=True)
+
+    state, recoveries = _train(kill, runtime=zr.RuntimeConfig(shared_memory=False))
+    _assert_same(state, fault_free)
+    assert used == [0] and len(recoveries) == 1 and recoveries[0].redone_records > 0
     _no_leftovers()
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from zetta_ray.actors.shm import SharedRows
 from zetta_ray.actors.snapshot import restore_unit, unit_gradients, unit_snapshot
+from zetta_ray.actors.staging import SlotWriter, StagedSnapshot
 from zetta_ray.actors.wire import from_wire, reply, to_wire, tree_from_wire, tree_to_wire
 from zetta_ray.checkpoint import Snapshot, decode_snapshot
 
@@ -49,6 +50,7 @@ class ComputeUnit:
         self.calls: Counter[str] = Counter()  # calls served, by phase
         self._grad_epoch = 0  # how many zero_grad() the controller has issued that we have applied
         self.rng_at_step: torch.Tensor | None = None  # torch's RNG state after the last optimizer step
+        self._slots = SlotWriter()  # shared-memory slots for snapshots to a pool on this node
 
     # -- dataflow -----------------------------------------------------------------------------------
 
@@ -224,6 +226,15 @@ class ComputeUnit:
         state before it (``actors.snapshot.unit_gradients``); a third of a snapshot's bytes. Called
         right after ``step`` like ``snapshot``, and through Ray with ``copy=False`` for the same reason."""
         return unit_gradients(self, step, copy=copy)
+
+    def stage_snapshot(self, step: int, slot: str) -> StagedSnapshot:
+        """``snapshot(step)`` copied into shared-memory slot ``slot`` for a MemoryPool on this node
+        (``actors.staging``): the copy is the staging copy, and only a description goes through Ray."""
+        return self._slots.stage(unit_snapshot(self, step, copy=False), slot)
+
+    def stage_gradients(self, step: int, slot: str) -> StagedSnapshot:
+        """``gradient_record(step)`` copied into shared-memory slot ``slot`` (see ``stage_snapshot``)."""
+        return self._slots.stage(unit_gradients(self, step, copy=False), slot)
 
     def snapshot_to(self, step: int, pools: list[Any]) -> list[ray.ObjectRef]:
         """Put this unit's snapshot in the object store once and hand it to each MemoryPool in ``pools``.

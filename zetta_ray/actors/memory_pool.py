@@ -12,6 +12,9 @@ die with the unit, which is exactly when it is needed. So each unit's snapshot
   lives as long as the pool holds it and costs the training loop nothing beyond the unit's one write
   into the object store.
 - Encoded snapshot ``bytes`` (``checkpoint.encode_snapshot``) arrive as the pool's own copy.
+- A ``StagedSnapshot`` (``actors.staging``), from a unit on the pool's own node, names a shared-memory
+  slot the unit copied its snapshot into; the pool maps the slot and holds views of it, again without a
+  copy, for as long as it holds the snapshot.
 
 A pool that dies loses its copies (the other replicas remain).
 
@@ -43,6 +46,7 @@ from typing import Any
 
 import ray
 
+from zetta_ray.actors.staging import StagedSnapshot, open_slot, unstage
 from zetta_ray.checkpoint import Snapshot, read_manifest
 from zetta_ray.errors import ConfigError, ZettaError
 
@@ -102,10 +106,14 @@ class MemoryPool:
         self._blobs: dict[tuple[Owner, int], Held] = {}
         self._sizes: dict[tuple[Owner, int], int] = {}
         self._used = 0
+        self._slots: dict[str, tuple[Any, int]] = {}  # slot segment -> (this pool's mapping, blobs in it)
+        self._slot_of: dict[tuple[Owner, int], str] = {}
 
     # -- store ----------------------------------------------------------------------------------------
 
-    def put(self, unit: Owner, step: int, blob: Snapshot | bytes | bytearray | memoryview) -> int:
+    def put(
+        self, unit: Owner, step: int, blob: Snapshot | StagedSnapshot | bytes | bytearray | memoryview
+    ) -> int:
         """Hold ``blob``, the snapshot of ``unit`` after ``step`` steps; return its byte count.
 
         A blob already held under the same key is replaced, except a full snapshot by a gradient record
@@ -113,6 +121,10 @@ class MemoryPool:
         blob makes useless are evicted first (see the module docstring); ``PoolFullError`` if it still
         would not fit (then nothing is evicted).
         """
+        slot = blob.segment if isinstance(blob, StagedSnapshot) else None
+        if slot is not None:
+            mapping = self._slots[slot][0] if slot in self._slots else open_slot(slot)
+            blob = unstage(blob, mapping)
         if isinstance(blob, Snapshot):
             data: Held = blob
             manifest_step, size = blob.step, blob.nbytes
@@ -159,6 +171,9 @@ class MemoryPool:
         self._blobs[key] = data
         self._sizes[key] = size
         self._used += size
+        if slot is not None:
+            self._slots[slot] = (mapping, self._slots.get(slot, (None, 0))[1] + 1)
+            self._slot_of[key] = slot
         return size
 
     def _base(self, unit: Owner, step: int, full: bool) -> int:
@@ -213,6 +228,7 @@ class MemoryPool:
             "bytes_used": self._used,
             "limit_bytes": self.limit_bytes,
             "keys": sorted(self._blobs, key=lambda k: (type(k[0]).__name__, k)),
+            "slots": len(self._slots),
             "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
             "pid": os.getpid(),
         }
@@ -223,6 +239,13 @@ class MemoryPool:
     def _forget(self, key: tuple[Owner, int]) -> None:
         if self._blobs.pop(key, None) is not None:
             self._used -= self._sizes.pop(key)
+        slot = self._slot_of.pop(key, None)
+        if slot is not None:
+            mapping, held = self._slots[slot]
+            if held > 1:
+                self._slots[slot] = (mapping, held - 1)
+            else:  # unmapped once the last view of it goes (a get's reply is a copy made already)
+                del self._slots[slot]
 
 
 # Out of order: a put waits for its blob before it runs, and a blob made on a node that just died

@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 SHM_DIR = "/dev/shm"
 SEGMENT_BYTES = 64 << 20  # a segment holds several regions; bigger requests get a segment of their own
 _ALIGN = 64
-_NAME = re.compile(r"^zetta_ray-(\d+)-[0-9a-f]+-\d+$")
+_NAME = re.compile(r"^zetta_ray-(\d+)-[0-9a-f]+-[0-9a-z.]+$")  # (snapshot slots: actors/staging.py)
 _MAPS: dict[str, mmap.mmap] = {}  # segment name -> this process's mapping of it
 _MAPS_LOCK = threading.Lock()
 

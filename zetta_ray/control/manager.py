@@ -24,6 +24,8 @@ it (``decide_replica_nodes``, ``decide_recovery``, ``ReplayLog``). The protocol 
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import socket
 import time
 from collections.abc import Callable, Iterable
@@ -34,6 +36,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from zetta_ray.actors.memory_pool import MemoryPoolActor, PoolFullError, SnapshotNotHeldError
+from zetta_ray.actors.staging import slot_name, unlink_slots
 from zetta_ray.checkpoint import TrickleCheckpoint
 from zetta_ray.control.durable import DurableCheckpointer
 from zetta_ray.control.faults import fault_from_error
@@ -72,6 +75,9 @@ class RecoveryEvent:
     detail: str
 
 
+SlotKey = tuple[int, int, str, int]  # (unit, incarnation, "full" or "record", index)
+
+
 @dataclass(slots=True)
 class _SnapshotRound:
     step: int
@@ -89,6 +95,7 @@ class _Put:
     sent: float
     round: _SnapshotRound
     base: int  # the step of the full snapshot it restores from: ``step`` itself, or a record's chain start
+    slot: SlotKey | None = None  # the shared-memory slot the unit copied it into (actors/staging.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +172,14 @@ class FaultManager:
         self._chains: dict[int, _Chain] = {}  # unit -> what its next gradient record would build on
         self._broken: set[int] = set()  # units whose chain lost a put: their next snapshot is full
         self.committed_step = -1  # the newest step whose snapshots are stored on all their replicas
+        # Shared-memory slots (actors/staging.py) for units whose one pool runs on their node, which is
+        # the controller's: a slot is busy from its snapshot's put until its pool confirmed the drop.
+        self._stage_node: str | None = None  # the controller's node, when the runtime shares memory
+        self._stage_prefix = f"zetta_ray-{os.getpid()}-{secrets.token_hex(4)}"
+        self._slot_busy: dict[SlotKey, int] = {}  # slot -> the step it holds
+        self._slots_held: dict[tuple[str, int, int], list[SlotKey]] = {}  # (pool, unit, step) -> slots
+        self._freeing: list[tuple[ray.ObjectRef, list[SlotKey]]] = []  # a drop sent, its slots
+        self._incarnation: dict[int, int] = {}  # unit -> how many times it was replaced
         self.durable = (
             DurableCheckpointer(config, deadline_s=deadline_s) if config.durable_uri is not None else None
         )
@@ -186,6 +201,8 @@ class FaultManager:
     def attach(self, runtime: Any) -> None:
         runtime.journal = self.log
         runtime.supervisor = self
+        if getattr(runtime, "_arena", None) is not None:
+            self._stage_node = runtime._node
 
     # -- trickle checkpointing --------------------------------------------------------------------------
 
@@ -215,17 +232,26 @@ class FaultManager:
                 continue
             targets = self._replica_targets(u)
             base = None if full else self._record_base(u, step, targets)
+            slot = self._free_slot(u, targets, full=base is None)
             if base is None:  # either way the blob is owned here; the unit writes it once, pools hold it
                 base = step
-                blob = unit.snapshot.remote(step, False)
+                if slot is None:
+                    blob = unit.snapshot.remote(step, False)
+                else:
+                    blob = unit.stage_snapshot.remote(step, self._slot_name(slot))
                 self._broken.discard(u)
-            else:
+            elif slot is None:
                 blob = unit.gradient_record.remote(step, False)
+            else:
+                blob = unit.stage_gradients.remote(step, self._slot_name(slot))
             self._chains[u] = _Chain(base, step, targets)
             round_.waiting[u] = len(targets)
             for pool, node in targets:
                 ref = self.pools[pool].put.remote(u, step, blob)
-                self._puts.append(_Put(u, step, pool, node, ref, now, round_, base))
+                self._puts.append(_Put(u, step, pool, node, ref, now, round_, base, slot))
+                if slot is not None:
+                    self._slot_busy[slot] = step
+                    self._slots_held.setdefault((pool, u, step), []).append(slot)
         self._rounds.append(round_)
         if wait:
             deadline = time.monotonic() + self.deadline_s
@@ -236,6 +262,40 @@ class FaultManager:
                     f"the step-{step} snapshot was not stored within {self.deadline_s:g} s "
                     f"(acknowledgements missing: {round_.waiting}); check the MemoryPool actors"
                 )
+
+    def _free_slot(self, u: int, targets: tuple[tuple[str, str], ...], full: bool) -> SlotKey | None:
+        """A shared-memory slot for unit ``u``'s next snapshot, or None to send it through the object
+        store: a unit gets slots when its one target pool runs on its node and that node is the
+        controller's (which removes the slots' names when it closes), and while one is free."""
+        node = self.unit_nodes[u]
+        if self._stage_node is None or node != self._stage_node or len(targets) != 1 or targets[0][1] != node:
+            return None
+        kind = "full" if full else "record"
+        # full: the chain's base, the next base until its commit is confirmed, one to spare; records:
+        # a chain's worth of them and the same margin
+        width = 3 if full else self.config.full_every + 3
+        incarnation = self._incarnation.get(u, 0)
+        busy = {k[3] for k in self._slot_busy if k[:3] == (u, incarnation, kind)}
+        index = next((i for i in range(width) if i not in busy), None)
+        return None if index is None else (u, incarnation, kind, index)
+
+    def _slot_name(self, slot: SlotKey) -> str:
+        return slot_name(self._stage_prefix, *slot)
+
+    def _release_slots(self) -> None:
+        """Free the slots of snapshots whose pool confirmed their drop (or died: it holds nothing)."""
+        if not self._freeing:
+            return
+        ready, _ = ray.wait([r for r, _ in self._freeing], num_returns=len(self._freeing), timeout=0)
+        done = set(ready)
+        for slot in [slot for ref, slots in self._freeing if ref in done for slot in slots]:
+            self._slot_busy.pop(slot, None)
+        self._freeing = [f for f in self._freeing if f[0] not in done]
+
+    def _forget_slots(self, pool: str, unit: int, step: int) -> None:
+        """The pool does not hold (``unit``, ``step``): its put failed. Its slots are free again."""
+        for slot in self._slots_held.pop((pool, unit, step), []):
+            self._slot_busy.pop(slot, None)
 
     def _record_base(self, u: int, step: int, targets: tuple[tuple[str, str], ...]) -> int | None:
         """The full snapshot that a gradient record of unit ``u``'s step ``step`` would build on, or None
@@ -273,6 +333,7 @@ class FaultManager:
 
     def _collect(self, wait_s: float = 0.0) -> None:
         """Take in finished puts; a put past the deadline or failed is logged and not counted."""
+        self._release_slots()
         if not self._puts:
             return
         refs = [p.ref for p in self._puts]
@@ -293,6 +354,7 @@ class FaultManager:
             try:
                 ray.get(put.ref, timeout=self.deadline_s)
             except PoolFullError as e:
+                self._forget_slots(put.pool, put.unit, put.step)
                 self._broken.add(put.unit)
                 if put.base != put.step:
                     # a record that does not fit beside its chain: the next full snapshot may evict it
@@ -302,6 +364,7 @@ class FaultManager:
                     logger.warning("pool %s is full: %s", put.pool, e)
                 continue
             except ray.exceptions.RayError as e:
+                self._forget_slots(put.pool, put.unit, put.step)  # not stored: the pool or the blob failed
                 self._broken.add(put.unit)
                 # Not proof the pool died: the unit that made the blob may be the one that did.
                 logger.warning(
@@ -395,6 +458,8 @@ class FaultManager:
         """A MemoryPool died: its replicas are gone; a new pool on the same node (if it lives) takes
         the next snapshots."""
         self.dead_pools.add(pool)
+        for key in [k for k in self._slots_held if k[0] == pool]:  # it holds nothing now
+            self._forget_slots(*key)
         node = self.pool_nodes[pool]
         alive = self._live_nodes(suspects=[node])
         logger.warning("MemoryPool %s died; %s", pool, "starting a new one" if node in alive else "node gone")
@@ -431,8 +496,12 @@ class FaultManager:
             keep = min((r.start for r in replicas if r.step == step), default=step)
             stale |= {(r.pool, u, keep) for r in replicas if r.step < keep and r.pool not in self.dead_pools}
             self.acked[u] = [r for r in replicas if r.step >= keep]
+        in_flight = {(p.pool, p.unit, p.step) for p in self._puts}
         for pool, u, keep in sorted(stale):
-            self.pools[pool].drop_before.remote(u, keep)  # fire-and-forget housekeeping
+            ref = self.pools[pool].drop_before.remote(u, keep)  # housekeeping; only slots wait for it
+            held = [k for k in self._slots_held if k[:2] == (pool, u) and k[2] < keep and k not in in_flight]
+            if held:
+                self._freeing.append((ref, [slot for k in held for slot in self._slots_held.pop(k)]))
 
     # -- recovery -----------------------------------------------------------------------------------------
 
@@ -540,6 +609,10 @@ class FaultManager:
         fresh = {id(c): getattr(new, c.method).remote(*by_value(c.args, self.deadline_s)) for c in replay}
         runtime.units[u] = new
         self.unit_nodes[u] = node
+        # the dead unit's slots: the pool keeps what it holds mapped; their names can go
+        incarnation = self._incarnation.get(u, 0)
+        unlink_slots(f"{self._stage_prefix}-{u}.{incarnation}.")
+        self._incarnation[u] = incarnation + 1
         # Snapshot the replacement at once (Ray runs it after the replayed calls): until then its
         # newest stored state is the one just restored, and losing it again would replay more.
         if replica.step < runtime.step:
@@ -632,6 +705,8 @@ class FaultManager:
                     logger.error("a durable checkpoint write failed: %s", e)
         finally:
             self._kill_pools()
+            if self._stage_node is not None:
+                unlink_slots(self._stage_prefix + "-")
 
     def _kill_pools(self) -> None:
         for handle in self.pools.values():
