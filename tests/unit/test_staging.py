@@ -125,3 +125,36 @@ def test_slot_names_are_swept_with_their_controller_and_removed_by_prefix(prefix
     assert all(_NAME.match(n) for n in names)  # a dead controller's slots go with its other segments
     assert unlink_slots(prefix + "-") == 3
     assert not any(os.path.exists(os.path.join(SHM_DIR, n)) for n in names)
+
+
+def test_a_unit_that_cannot_make_a_slot_returns_the_snapshot_itself(prefix, monkeypatch):
+    """No /dev/shm, or one too small (docker's default 64 MB): the object-store path, from then on."""
+    import zetta_ray.actors.staging as staging
+
+    monkeypatch.setattr(staging, "SHM_DIR", os.path.join(SHM_DIR, "no-such-dir"))
+    unit, pool = _unit(), MemoryPool(1 << 30, "pool-test")
+    _train_step(unit, 0)
+    blob = unit.stage_snapshot(1, slot_name(prefix, 0, 0, "full", 0))
+    assert not isinstance(blob, staging.StagedSnapshot) and unit._slots is None
+    pool.put(0, 1, blob)
+    assert pool.stats()["slots"] == 0
+    monkeypatch.undo()  # later snapshots do not try again
+    _train_step(unit, 1)
+    assert not isinstance(
+        unit.stage_gradients(2, slot_name(prefix, 0, 0, "record", 0)), staging.StagedSnapshot
+    )
+
+
+def test_slots_reserved_up_front_fit_the_records_and_adams_full_snapshots(prefix):
+    unit = _unit()
+    records = [slot_name(prefix, 0, 0, "record", i) for i in range(2)]
+    full = [slot_name(prefix, 0, 0, "full", 0)]
+    reserved = unit.reserve_slots(records, full)
+    assert reserved > 0 and all(os.path.exists(os.path.join(SHM_DIR, n)) for n in records + full)
+    _train_step(unit, 0)
+    # neither grows: a record fits a record slot, the state with AdamW's two moments a full one
+    assert unit.stage_gradients(1, records[0]).segment == records[0]
+    assert unit.stage_snapshot(1, full[0]).segment == full[0]
+    assert os.path.getsize(os.path.join(SHM_DIR, full[0])) < 4 * os.path.getsize(
+        os.path.join(SHM_DIR, records[0])
+    )

@@ -11,6 +11,7 @@ Shape legend: N = rows sent to this unit (its experts' rows, grouped by expert),
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import Counter
@@ -23,11 +24,13 @@ from torch import nn
 
 from zetta_ray.actors.shm import SharedRows
 from zetta_ray.actors.snapshot import restore_unit, unit_gradients, unit_snapshot
-from zetta_ray.actors.staging import SlotWriter, StagedSnapshot
+from zetta_ray.actors.staging import SlotWriter, StagedSnapshot, staged_bytes
 from zetta_ray.actors.wire import from_wire, reply, to_wire, tree_from_wire, tree_to_wire
 from zetta_ray.checkpoint import Snapshot, decode_snapshot
 
 __all__ = ["ComputeUnit", "ComputeUnitActor"]
+
+logger = logging.getLogger(__name__)
 
 ExpertKey = tuple[int, int]
 SaveKey = tuple[int, int, int]  # (step, layer, micro-batch)
@@ -50,7 +53,7 @@ class ComputeUnit:
         self.calls: Counter[str] = Counter()  # calls served, by phase
         self._grad_epoch = 0  # how many zero_grad() the controller has issued that we have applied
         self.rng_at_step: torch.Tensor | None = None  # torch's RNG state after the last optimizer step
-        self._slots = SlotWriter()  # shared-memory slots for snapshots to a pool on this node
+        self._slots: SlotWriter | None = SlotWriter()  # shared-memory slots for snapshots (to a pool here)
 
     # -- dataflow -----------------------------------------------------------------------------------
 
@@ -227,14 +230,51 @@ class ComputeUnit:
         right after ``step`` like ``snapshot``, and through Ray with ``copy=False`` for the same reason."""
         return unit_gradients(self, step, copy=copy)
 
-    def stage_snapshot(self, step: int, slot: str) -> StagedSnapshot:
+    def stage_snapshot(self, step: int, slot: str) -> StagedSnapshot | Snapshot:
         """``snapshot(step)`` copied into shared-memory slot ``slot`` for a MemoryPool on this node
-        (``actors.staging``): the copy is the staging copy, and only a description goes through Ray."""
-        return self._slots.stage(unit_snapshot(self, step, copy=False), slot)
+        (``actors.staging``): the copy is the staging copy, and only a description goes through Ray.
+        Where no slot can be made (``/dev/shm`` missing or full), the snapshot itself, as ``snapshot``
+        returns it, from then on."""
+        return self._stage(unit_snapshot(self, step, copy=False), slot)
 
-    def stage_gradients(self, step: int, slot: str) -> StagedSnapshot:
+    def stage_gradients(self, step: int, slot: str) -> StagedSnapshot | Snapshot:
         """``gradient_record(step)`` copied into shared-memory slot ``slot`` (see ``stage_snapshot``)."""
-        return self._slots.stage(unit_gradients(self, step, copy=False), slot)
+        return self._stage(unit_gradients(self, step, copy=False), slot)
+
+    def reserve_slots(self, records: list[str], full: list[str]) -> int:
+        """Create the shared-memory slots named, warm (``SlotWriter.reserve``): ``records`` sized for a
+        gradient record, ``full`` for a full snapshot (with room for two moments per parameter, as
+        Adam's; a bigger state grows its slot). Sent once, before the first step; returns the bytes."""
+        if self._slots is None:
+            return 0
+        params = [p.detach().numpy() for key in sorted(self.experts) for p in self.experts[key].parameters()]
+        record = staged_bytes(params)
+        state = staged_bytes([t.numpy() for m in self.experts.values() for t in m.state_dict().values()])
+        sizes = [(n, record) for n in records] + [(n, state + 2 * record) for n in full]
+        try:
+            self._slots.reserve(sizes)
+        except OSError as e:
+            self._no_slots(e)
+            return 0
+        return sum(size for _, size in sizes)
+
+    def _no_slots(self, e: OSError) -> None:
+        logger.warning(
+            "unit %d: cannot stage snapshots in shared memory (%s); they go through Ray's "
+            "object store from now on. Give /dev/shm more space (docker: --shm-size).",
+            self.unit_id,
+            e,
+        )
+        self._slots.forget()
+        self._slots = None
+
+    def _stage(self, snapshot: Snapshot, slot: str) -> StagedSnapshot | Snapshot:
+        if self._slots is not None:
+            try:
+                return self._slots.stage(snapshot, slot)
+            except OSError as e:
+                self._no_slots(e)
+        return snapshot  # views of the live state: Ray copies them before this actor's next call
 
     def snapshot_to(self, step: int, pools: list[Any]) -> list[ray.ObjectRef]:
         """Put this unit's snapshot in the object store once and hand it to each MemoryPool in ``pools``.

@@ -45,6 +45,7 @@ __all__ = [
     "StagedSnapshot",
     "open_slot",
     "slot_name",
+    "staged_bytes",
     "unlink_slots",
     "unstage",
 ]
@@ -120,6 +121,12 @@ class SlotWriter:
         )
         return StagedSnapshot(name, snapshot.step, {k: _fill(v, staged) for k, v in trees.items()})
 
+    def reserve(self, slots: list[tuple[str, int]]) -> None:
+        """Create the slots ``(name, bytes)`` now, their pages mapped (warm), so that the first snapshots
+        written into them cost what later ones do."""
+        for name, size in slots:
+            self._mapping(name, size, populate=True)
+
     def forget(self) -> None:
         """Unmap every slot (the names stay until the fault manager unlinks them)."""
         for _, mm in self._slots.values():
@@ -127,7 +134,7 @@ class SlotWriter:
                 mm.close()
         self._slots.clear()
 
-    def _mapping(self, slot: str, size: int) -> tuple[str, mmap.mmap]:
+    def _mapping(self, slot: str, size: int, populate: bool = False) -> tuple[str, mmap.mmap]:
         key = _slot_key(slot)
         held = self._slots.get(key)
         if held is not None and len(held[1]) >= size:
@@ -144,7 +151,8 @@ class SlotWriter:
         try:
             # reserve the pages now: a truncated tmpfs file that runs out of space raises SIGBUS on touch
             os.posix_fallocate(fd, 0, size)
-            mm = mmap.mmap(fd, size)
+            flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+            mm = mmap.mmap(fd, size, flags=flags)
         except OSError:
             os.close(fd)
             _unlink(name)
@@ -181,6 +189,11 @@ def unlink_slots(prefix: str) -> int:
             if name.startswith(prefix):
                 removed += _unlink(name)
     return removed
+
+
+def staged_bytes(arrays: list[np.ndarray]) -> int:
+    """The bytes a slot needs for ``arrays`` (those ``stage`` would put in it, aligned)."""
+    return sum(-(-a.nbytes // _ALIGN) * _ALIGN for a in arrays if a.nbytes >= MIN_STAGED_BYTES)
 
 
 def _unlink(name: str) -> int:

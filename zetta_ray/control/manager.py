@@ -180,6 +180,7 @@ class FaultManager:
         self._slots_held: dict[tuple[str, int, int], list[SlotKey]] = {}  # (pool, unit, step) -> slots
         self._freeing: list[tuple[ray.ObjectRef, list[SlotKey]]] = []  # a drop sent, its slots
         self._incarnation: dict[int, int] = {}  # unit -> how many times it was replaced
+        self._reserved: set[tuple[int, int]] = set()  # (unit, incarnation) whose slots were made up front
         self.durable = (
             DurableCheckpointer(config, deadline_s=deadline_s) if config.durable_uri is not None else None
         )
@@ -224,6 +225,8 @@ class FaultManager:
         ``wait`` blocks until the copies are stored (the step-0 snapshot does, so that a unit lost before
         its first step can already be restored)."""
         step = runtime.step
+        if wait and units is None:
+            self._reserve_slots(runtime)
         full = full or wait or units is not None
         round_ = _SnapshotRound(step, partial=units is not None)
         now = time.monotonic()
@@ -278,6 +281,25 @@ class FaultManager:
         busy = {k[3] for k in self._slot_busy if k[:3] == (u, incarnation, kind)}
         index = next((i for i in range(width) if i not in busy), None)
         return None if index is None else (u, incarnation, kind, index)
+
+    def _reserve_slots(self, runtime: Any) -> None:
+        """Have each unit that will stage its snapshots create the slots a steady run uses, before the
+        first step (a slot's first use costs page faults; BENCHMARKS.md, issue 4). Once per unit; a
+        replacement makes its slots as it needs them (its recovery should not wait for them)."""
+        for u, unit in enumerate(runtime.units):
+            incarnation = self._incarnation.get(u, 0)
+            if (u, incarnation) in self._reserved or self._free_slot(
+                u, self._replica_targets(u), True
+            ) is None:
+                continue
+            self._reserved.add((u, incarnation))
+            records = [
+                self._slot_name((u, incarnation, "record", i)) for i in range(self.config.full_every + 1)
+            ]
+            full = [self._slot_name((u, incarnation, "full", i)) for i in range(2)]
+            unit.reserve_slots.remote(
+                records if self.config.every == 1 else [], full
+            )  # runs before the snapshot
 
     def _slot_name(self, slot: SlotKey) -> str:
         return slot_name(self._stage_prefix, *slot)
