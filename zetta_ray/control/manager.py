@@ -78,6 +78,13 @@ class RecoveryEvent:
 SlotKey = tuple[int, int, str, int]  # (unit, incarnation, "full" or "record", index)
 
 
+def _slot_width(config: TrickleCheckpoint, kind: str) -> int:
+    """How many slots of ``kind`` a unit has. Full: the chain's base, the next base until its commit is
+    confirmed (at step 0 the snapshots before and after the optimizer is set), one to spare; records: a
+    chain's worth of them and the same margin."""
+    return 3 if kind == "full" else config.full_every + 3
+
+
 @dataclass(slots=True)
 class _SnapshotRound:
     step: int
@@ -274,32 +281,30 @@ class FaultManager:
         if self._stage_node is None or node != self._stage_node or len(targets) != 1 or targets[0][1] != node:
             return None
         kind = "full" if full else "record"
-        # full: the chain's base, the next base until its commit is confirmed, one to spare; records:
-        # a chain's worth of them and the same margin
-        width = 3 if full else self.config.full_every + 3
+        width = _slot_width(self.config, kind)
         incarnation = self._incarnation.get(u, 0)
         busy = {k[3] for k in self._slot_busy if k[:3] == (u, incarnation, kind)}
         index = next((i for i in range(width) if i not in busy), None)
         return None if index is None else (u, incarnation, kind, index)
 
     def _reserve_slots(self, runtime: Any) -> None:
-        """Have each unit that will stage its snapshots create the slots a steady run uses, before the
-        first step (a slot's first use costs page faults; BENCHMARKS.md, issue 4). Once per unit; a
-        replacement makes its slots as it needs them (its recovery should not wait for them)."""
+        """Have each unit that will stage its snapshots create all its slots before the first step (a
+        slot's first use costs page faults; BENCHMARKS.md, issue 4). Once per unit; a replacement makes
+        its slots as it needs them (its recovery should not wait for them)."""
         for u, unit in enumerate(runtime.units):
             incarnation = self._incarnation.get(u, 0)
-            if (u, incarnation) in self._reserved or self._free_slot(
-                u, self._replica_targets(u), True
-            ) is None:
+            targets = self._replica_targets(u)
+            if (u, incarnation) in self._reserved or self._free_slot(u, targets, True) is None:
                 continue
             self._reserved.add((u, incarnation))
-            records = [
-                self._slot_name((u, incarnation, "record", i)) for i in range(self.config.full_every + 1)
-            ]
-            full = [self._slot_name((u, incarnation, "full", i)) for i in range(2)]
-            unit.reserve_slots.remote(
-                records if self.config.every == 1 else [], full
-            )  # runs before the snapshot
+            names = {
+                kind: [
+                    self._slot_name((u, incarnation, kind, i)) for i in range(_slot_width(self.config, kind))
+                ]
+                for kind in ("record", "full")
+            }
+            # Ray runs it before the snapshot that follows; records only where there will be any
+            unit.reserve_slots.remote(names["record"] if self.config.every == 1 else [], names["full"])
 
     def _slot_name(self, slot: SlotKey) -> str:
         return slot_name(self._stage_prefix, *slot)
