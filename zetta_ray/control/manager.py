@@ -283,9 +283,8 @@ class FaultManager:
         kind = "full" if full else "record"
         width = _slot_width(self.config, kind)
         incarnation = self._incarnation.get(u, 0)
-        busy = {k[3] for k in self._slot_busy if k[:3] == (u, incarnation, kind)}
-        index = next((i for i in range(width) if i not in busy), None)
-        return None if index is None else (u, incarnation, kind, index)
+        free = (key for i in range(width) if (key := (u, incarnation, kind, i)) not in self._slot_busy)
+        return next(free, None)
 
     def _reserve_slots(self, runtime: Any) -> None:
         """Have each unit that will stage its snapshots create all its slots before the first step (a
