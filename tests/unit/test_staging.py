@@ -158,3 +158,21 @@ def test_slots_reserved_up_front_fit_the_records_and_adams_full_snapshots(prefix
     assert os.path.getsize(os.path.join(SHM_DIR, full[0])) < 4 * os.path.getsize(
         os.path.join(SHM_DIR, records[0])
     )
+
+
+def test_a_unit_whose_arrays_all_travel_inline_still_stages(prefix):
+    """A small model (every array under MIN_STAGED_BYTES) reserves slots of no payload: they must still be
+    made (the unit once took the empty reservation for a full /dev/shm and left the slots for good)."""
+    torch.manual_seed(0)
+    experts = {(0, 0): ExpertFFN(8, 16)}
+    unit = ComputeUnit(0, {k: copy.deepcopy(m).to("meta") for k, m in experts.items()})
+    unit.load_state_dict(
+        {f"{l}.{e}.{n}": to_wire(t) for (l, e), m in experts.items() for n, t in m.state_dict().items()}
+    )
+    unit.set_optimizer(torch.optim.AdamW, {"lr": 0.01})
+    full = [slot_name(prefix, 0, 0, "full", 0)]
+    unit.reserve_slots([], full)
+    assert unit._slots is not None and os.path.exists(os.path.join(SHM_DIR, full[0]))
+    pool = MemoryPool(1 << 20, "pool-test")
+    pool.put(0, 0, unit.stage_snapshot(0, full[0]))
+    assert pool.stats()["slots"] == 1

@@ -124,8 +124,8 @@ class SlotWriter:
     def reserve(self, slots: list[tuple[str, int]]) -> None:
         """Create the slots ``(name, bytes)`` now, their pages mapped (warm), so that the first snapshots
         written into them cost what later ones do."""
-        for name, size in slots:
-            self._mapping(name, size, populate=True)
+        for name, size in slots:  # (0 bytes: every array travels inline; the slot stays nearly empty)
+            self._mapping(name, max(size, _ALIGN), populate=True)
 
     def forget(self) -> None:
         """Unmap every slot (the names stay until the fault manager unlinks them)."""
