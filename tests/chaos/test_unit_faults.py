@@ -3,6 +3,7 @@ deadline, kill a MemoryPool. Training goes on, and the final state equals a faul
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -14,6 +15,7 @@ from ray.util.placement_group import placement_group_table
 from ray.util.state import list_actors
 
 import zetta_ray as zr
+from zetta_ray.control.manager import RecoveryFailed
 
 pytestmark = pytest.mark.chaos
 
@@ -209,4 +211,63 @@ def test_memory_pool_killed_then_a_unit(fault_free):
     state, recoveries = _train(kill_pool_then_unit)
     _assert_same(state, fault_free)
     assert len(recoveries) == 1 and recoveries[0].unit == 0
+    _no_leftovers()
+
+
+# -- pools too small (TrickleCheckpoint.pool_bytes) ------------------------------------------------------
+
+
+def _unit_param_bytes() -> int:
+    """Parameter bytes of one unit's experts (a gradient record is about this, a full AdamW snapshot
+    about three times it)."""
+    model = zr.MoETransformer(_config())
+    experts = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
+    return experts // 4
+
+
+def test_pools_that_cannot_hold_the_first_snapshot_fail_at_once_naming_the_fix(fault_free):
+    """Four units' step-0 snapshots (each about one unit's parameters) in a pool of twice that: the
+    error comes at parallelize, names the setting to raise, and nothing is left running."""
+    config = zr.TrickleCheckpoint(pool_bytes=2 * _unit_param_bytes())
+    start = time.monotonic()
+    with pytest.raises(RecoveryFailed, match=r"step-0 snapshot does not fit.*TrickleCheckpoint\(pool_bytes"):
+        _train(checkpoint=config)
+    assert time.monotonic() - start < 30  # not the 60 s deadline of a snapshot that never lands
+    _no_leftovers()
+
+
+def test_pools_that_never_hold_every_units_full_snapshot_stop_training_naming_the_fix(fault_free):
+    """Room for the step-0 snapshots but never for four AdamW full snapshots: training stops within two
+    chains' worth of steps, instead of going on with nothing committed and the journal growing."""
+    torch.manual_seed(0)
+    config = zr.TrickleCheckpoint(full_every=2, pool_bytes=6 * _unit_param_bytes())
+    with zr.parallelize(zr.MoETransformer(_config()), zr.ExpertParallel(degree=4), checkpoint=config) as dm:
+        opt = dm.optimizer(torch.optim.AdamW, lr=1e-2)
+        with pytest.raises(RecoveryFailed, match=r"no snapshot was committed.*pool_bytes") as failed:
+            for step in range(12):
+                b = _batch(step)
+                opt.zero_grad()
+                _, loss = dm(b[:, :-1], b[:, 1:])
+                loss.backward()
+                opt.step()
+        assert dm.step <= 2 * 2 + 3, failed.value  # patience: 2 x full_every steps past the last commit
+    _no_leftovers()
+
+
+def test_tight_pools_fall_back_to_full_snapshots_and_recovery_stays_bitwise(fault_free, caplog):
+    """Room for every unit's full snapshot but not for a chain of records beside it: pools refuse
+    records, chains break, training goes on; a kill then still ends bit for bit where the fault-free
+    run does."""
+
+    def kill(dm, step, now):
+        if (step, now) == (STEPS - 1, "backward"):
+            ray.kill(dm._runtime.units[1], no_restart=True)
+
+    config = zr.TrickleCheckpoint(pool_bytes=14 * _unit_param_bytes())
+    with caplog.at_level(logging.INFO, logger="zetta_ray.control.manager"):
+        state, recoveries = _train(kill, checkpoint=config)
+    _assert_same(state, fault_free)
+    refused = [r for r in caplog.records if "has no room for a gradient record" in r.getMessage()]
+    assert refused, "the pool had room for every record: this test tests nothing"
+    assert [r.unit for r in recoveries] == [1]
     _no_leftovers()

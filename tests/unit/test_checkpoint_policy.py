@@ -22,6 +22,7 @@ def test_defaults_match_the_issue():
         None,
         3,
     )
+    assert c.pool_bytes == 2 << 30
     assert not c.durable
     assert TrickleCheckpoint(durable_uri=Path("/tmp/ckpt")).durable_uri == "/tmp/ckpt"
 
@@ -39,6 +40,8 @@ def test_defaults_match_the_issue():
         ({"durable_interval_s": -1.0}, r"durable_interval_s=-1.0"),
         ({"durable_every": None}, r"set at least one"),
         ({"keep_last": 0}, r"keep_last=0"),
+        ({"pool_bytes": 0}, r"pool_bytes=0.*byte count > 0"),
+        ({"pool_bytes": 1.5e9}, r"pool_bytes=1500000000.0"),
     ],
 )
 def test_invalid_config_names_field_value_and_fix(kwargs, match):

@@ -150,10 +150,11 @@ class MemoryPool:
         if size > free + reclaimable:
             raise PoolFullError(
                 f"{self.name} cannot hold the snapshot of unit {unit!r} at step {step}: it needs "
-                f"{_mb(size)} ({size} bytes) but only {_mb(free + reclaimable)} would be free "
-                f"of the {_mb(self.limit_bytes)} limit ({self.limit_bytes} bytes) even after evicting "
-                f"unit {unit!r}'s steps {older}, which it makes useless. Raise "
-                "MemoryPool(limit_bytes=...), start more pools, or drop_before() steps no recovery needs.",
+                f"{_mb(size)} ({size} bytes) but only {_mb(free + reclaimable)} ({free + reclaimable} "
+                f"bytes) would be free of its {_mb(self.limit_bytes)} limit even after evicting unit "
+                f"{unit!r}'s steps {older}, which it makes useless (the rest: other units' snapshots). "
+                "Raise the limit (TrickleCheckpoint(pool_bytes=...) for the pools zr.parallelize "
+                "starts), spread the units over more pools, or drop_before() steps no recovery needs.",
                 pool=self.name,
                 unit=unit,
                 step=step,

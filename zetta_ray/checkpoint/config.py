@@ -62,6 +62,11 @@ class TrickleCheckpoint:
             step-based only. At least one of ``durable_every`` and ``durable_interval_s`` must be set.
         keep_last: K, how many complete durable checkpoints to keep. Keep at least 2 so that a corrupted
             newest checkpoint still leaves a good one to fall back to.
+        pool_bytes: the most bytes of snapshots each MemoryPool (one per node) holds. A pool holds, per
+            unit it serves, a full snapshot (parameters and optimizer state: 3x the parameters with
+            AdamW), up to ``full_every - 1`` gradient records (1x each) and the next snapshot in flight.
+            Too small, and records give way to full snapshots; a unit whose full snapshot fits in no
+            pool is not protected (warned at each step) until room comes free.
     """
 
     every: int = 1
@@ -71,6 +76,7 @@ class TrickleCheckpoint:
     durable_every: int | None = 100
     durable_interval_s: float | None = None
     keep_last: int = 3
+    pool_bytes: int = 2 << 30
 
     def __post_init__(self) -> None:
         _check(_is_int(self.every) and self.every >= 1, "every", self.every, "must be an integer >= 1")
@@ -127,6 +133,12 @@ class TrickleCheckpoint:
             "keep_last",
             self.keep_last,
             "must be an integer >= 1 (>= 2 recommended, so a corrupted newest checkpoint has a fallback)",
+        )
+        _check(
+            _is_int(self.pool_bytes) and self.pool_bytes > 0,
+            "pool_bytes",
+            self.pool_bytes,
+            "must be a byte count > 0 (the default is 2 GiB, 2 << 30)",
         )
 
     @property

@@ -90,6 +90,7 @@ class _SnapshotRound:
     step: int
     waiting: dict[int, int] = field(default_factory=dict)  # unit -> acknowledgements still missing
     partial: bool = False  # some units only (a replacement's first snapshot), not every unit
+    refused: list[str] = field(default_factory=list)  # why pools refused its full snapshots
 
 
 @dataclass(slots=True)
@@ -155,7 +156,6 @@ class FaultManager:
         *,
         unit_nodes: list[str],
         spares: list[tuple[dict[str, Any], str]] = (),
-        pool_limit_bytes: int = 2 << 30,
         deadline_s: float = 60.0,
         start_deadline_s: float = 180.0,
     ):
@@ -165,14 +165,15 @@ class FaultManager:
         self.spares = list(spares)  # (actor options of a reserved bundle, its node)
         self.deadline_s = deadline_s
         self.start_deadline_s = max(start_deadline_s, deadline_s)  # a replacement starts, then restores
-        self.pool_limit_bytes = pool_limit_bytes
+        self.pool_limit_bytes = config.pool_bytes
         self.events: list[RecoveryEvent] = []
         self.acked: dict[int, list[Replica]] = {}
         self.pools: dict[str, Any] = {}
         self.pool_nodes: dict[str, str] = {}
         self.dead_pools: set[str] = set()
         self.dead_nodes: set[str] = set()  # found dead before the cluster said so (see _live_nodes)
-        self.full_pools: set[str] = set()
+        self.full_pools: set[str] = set()  # refused a full snapshot since the last commit: tried last
+        self._refused: dict[int, str] = {}  # unit -> why a pool refused its full snapshot since the commit
         self._puts: list[_Put] = []
         self._rounds: list[_SnapshotRound] = []
         self._targets: dict[tuple[Any, ...], tuple[tuple[str, str], ...]] = {}
@@ -192,7 +193,7 @@ class FaultManager:
             DurableCheckpointer(config, deadline_s=deadline_s) if config.durable_uri is not None else None
         )
         for node in sorted(self._live_nodes()):
-            self._start_pool(node, pool_limit_bytes)
+            self._start_pool(node, self.pool_limit_bytes)
         try:  # pools start while the units do; a unit lost before its first snapshot is unrecoverable
             ray.get([h.ping.remote() for h in self.pools.values()], timeout=max(deadline_s, 120.0))
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
@@ -217,8 +218,24 @@ class FaultManager:
     def after_step(self, runtime: Any) -> None:
         """Collect acknowledgements, commit what is stored, and snapshot if this step is due."""
         self._collect()
+        self._check_room(runtime.step)
         if runtime.step % self.config.every == 0:
             self.snapshot(runtime)
+
+    def _check_room(self, step: int) -> None:
+        """Raise when full snapshots have been refused for lack of room and nothing was committed for
+        two chains' worth of steps: the pools cannot hold every unit's state at once, and going on would
+        leave the job without a recent snapshot or a durable checkpoint (the journal growing meanwhile)."""
+        patience = 2 * self.config.full_every * self.config.every
+        if self._refused and step - max(self.committed_step, 0) > patience:
+            units = sorted(self._refused)
+            raise RecoveryFailed(
+                f"no snapshot was committed in the {step - max(self.committed_step, 0)} steps since step "
+                f"{max(self.committed_step, 0)}: the MemoryPool actors have no room for the full snapshots "
+                f"of units {units} ({self._refused[units[0]]}). Raise TrickleCheckpoint(pool_bytes=...) "
+                f"(now {self.pool_limit_bytes} bytes per pool), add nodes, or give fewer experts to each "
+                "unit; the last durable checkpoint, if any, is intact"
+            )
 
     def snapshot(
         self, runtime: Any, wait: bool = False, units: list[int] | None = None, full: bool = False
@@ -265,8 +282,15 @@ class FaultManager:
         self._rounds.append(round_)
         if wait:
             deadline = time.monotonic() + self.deadline_s
-            while any(round_.waiting.values()) and time.monotonic() < deadline:
+            while any(round_.waiting.values()) and not round_.refused and time.monotonic() < deadline:
                 self._collect(wait_s=0.05)
+            if round_.refused:
+                raise RecoveryFailed(
+                    f"the step-{step} snapshot does not fit in the MemoryPool actors: {round_.refused[0]} "
+                    f"Raise TrickleCheckpoint(pool_bytes=...) (now {self.pool_limit_bytes} bytes per pool; "
+                    "with AdamW a unit's full snapshot after its first step is about 3x its step-0 one), "
+                    "add nodes, or give fewer experts to each unit"
+                )
             if any(round_.waiting.values()):
                 raise RecoveryFailed(
                     f"the step-{step} snapshot was not stored within {self.deadline_s:g} s "
@@ -348,12 +372,11 @@ class FaultManager:
         live_pools = {p: n for p, n in self.pool_nodes.items() if p not in self.dead_pools}
         key = (u, self.unit_nodes[u], tuple(sorted(live_pools.items())), frozenset(self.full_pools))
         if key not in self._targets:
+            full = self.full_pools
+            if set(live_pools) <= full:  # every pool refused a snapshot lately: one may have room now
+                full = set()
             self._targets[key] = decide_replica_nodes(
-                self.unit_nodes[u],
-                live_pools,
-                self.config.replicas,
-                full_pools=self.full_pools,
-                key=u,
+                self.unit_nodes[u], live_pools, self.config.replicas, full_pools=full, key=u
             )
         return self._targets[key]
 
@@ -382,12 +405,23 @@ class FaultManager:
             except PoolFullError as e:
                 self._forget_slots(put.pool, put.unit, put.step)
                 self._broken.add(put.unit)
+                why = str(getattr(e, "cause", e))  # the pool's own message, without Ray's traceback
                 if put.base != put.step:
                     # a record that does not fit beside its chain: the next full snapshot may evict it
-                    logger.info("pool %s has no room for a gradient record: %s", put.pool, e)
+                    logger.info("pool %s has no room for a gradient record: %s", put.pool, why)
                 else:
                     self.full_pools.add(put.pool)
-                    logger.warning("pool %s is full: %s", put.pool, e)
+                    put.round.refused.append(why)
+                    if put.unit not in self._refused:
+                        logger.warning(
+                            "unit %d's full snapshot of step %d does not fit in pool %s; until one fits, "
+                            "nothing newer is committed: %s",
+                            put.unit,
+                            put.step,
+                            put.pool,
+                            why,
+                        )
+                    self._refused[put.unit] = why
                 continue
             except ray.exceptions.RayError as e:
                 self._forget_slots(put.pool, put.unit, put.step)  # not stored: the pool or the blob failed
@@ -502,6 +536,8 @@ class FaultManager:
             return
         self.log.commit(step)
         self.committed_step = max(self.committed_step, step)
+        self.full_pools.clear()  # the drops below free room: a pool that refused may take the next one
+        self._refused.clear()
         if self.durable is not None and self.durable.wants(step):
             full = {u: [r for r in rs if r.step == step == r.start] for u, rs in self.acked.items()}
             # (a step whose units sent records gets its full snapshots from stage_durable, and commits
