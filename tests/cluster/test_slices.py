@@ -9,7 +9,7 @@ import time
 import pytest
 import ray
 import torch
-from ray.util.placement_group import placement_group_table
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
 import zetta_ray as zr
 from zetta_ray.errors import InfeasibleSliceError
@@ -78,6 +78,41 @@ def test_infeasible_request_fails_fast_naming_what_is_missing(cluster):
     assert "Largest feasible alternative: SliceRequest(units=4, kind='npu'" in msg
     pending = [p for p in placement_group_table().values() if p["state"] not in ("REMOVED", "CREATED")]
     assert not pending  # nothing was left pending
+
+
+def test_a_second_slice_is_planned_on_the_units_the_first_left_free(cluster):
+    """Two modules at once, two npu units each: the second goes to the node the first left free,
+    instead of being planned onto the same units and waiting for them until its ready timeout."""
+    request = zr.SliceRequest(units=2, kind="npu", ready_timeout_s=10.0)
+    models = [zr.MoETransformer(_config()) for _ in range(2)]
+    ep = zr.ExpertParallel(degree=2)
+    with (
+        zr.parallelize(models[0], ep, slice=request, checkpoint=False) as first,
+        zr.parallelize(models[1], ep, slice=request, checkpoint=False) as second,
+    ):
+        nodes = [{p["node_id"] for p in m.placement.values()} for m in (first, second)]
+        assert len(nodes[0]) == len(nodes[1]) == 1 and nodes[0] | nodes[1] == _npu_nodes(), nodes
+        x = torch.randint(0, 64, (2, 16))
+        for m in (first, second):
+            _, loss = m(x, x)
+            loss.backward()
+
+
+def test_a_slice_whose_units_stay_busy_fails_after_its_ready_timeout(cluster):
+    """Every npu unit held by a placement group outside zetta_ray: the request is feasible on the
+    cluster but not now, so it waits ``ready_timeout_s`` (not forever) and leaves no group behind."""
+    held = placement_group([{"npu": 1}] * 4, strategy="SPREAD")
+    assert held.wait(timeout_seconds=30)
+    try:
+        start = time.monotonic()
+        request = zr.SliceRequest(units=2, kind="npu", ready_timeout_s=3.0)
+        with pytest.raises(InfeasibleSliceError, match=r"stayed busy for 3 s.*ready_timeout_s"):
+            zr.parallelize(zr.MoETransformer(_config()), zr.ExpertParallel(degree=2), slice=request)
+        assert 3.0 <= time.monotonic() - start < 15
+        groups = [g for g in placement_group_table().values() if g["state"] not in ("REMOVED", "CREATED")]
+        assert not groups, groups
+    finally:
+        remove_placement_group(held)
 
 
 def test_removed_node_is_left_out_of_the_next_plan(cluster):

@@ -2,13 +2,16 @@
 
 Each compute unit, and each spare, gets one bundle pinned to the node its plan names (Ray's
 ``ray.io/node-id`` label). Feasibility is decided from the live cluster before any placement group
-exists, so a request the cluster can never hold is an error within a second, not a group left pending;
-a request that fits but finds its resources busy waits ``SliceRequest.ready_timeout_s`` and then fails
-with the same kind of error.
+exists, so a request the cluster can never hold is an error within a second, not a group left pending.
+The plan takes the whole cluster; when another slice (of this job or another) holds some of the units
+it names, the slice is planned again on what is free, or waits ``SliceRequest.ready_timeout_s`` for
+them and then fails with the same kind of error.
 """
 
 from __future__ import annotations
 
+import math
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +30,7 @@ from zetta_ray.placement.topology import Topology
 __all__ = ["Slice", "live_topology", "reserve_slice"]
 
 _EPS = 1e-9
+_BUSY_S = 2.0  # a group on free units is ready in well under this (Ray commits it in ~0.1 s)
 
 
 def _unit_cpus(request: SliceRequest, nodes: list[dict[str, Any]]) -> float:
@@ -35,6 +39,19 @@ def _unit_cpus(request: SliceRequest, nodes: list[dict[str, Any]]) -> float:
         return request.unit_cpus
     total = sum(float(n["Resources"].get("CPU", 0.0)) for n in nodes)
     return min(1.0, total / (request.units + request.spares)) if total else 1.0
+
+
+def _free_nodes(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``nodes`` with what is free on each now as its resources: another slice's placement group (a
+    second module in the same job, another job) holds the rest. Ray's resource view lags a change by
+    a moment; a plan on it that turns out busy waits like any other."""
+    # a DeveloperAPI (Ray Serve and ray.util.tpu use it); the public one sums over the whole cluster
+    available = ray._private.state.available_resources_per_node()
+    free = []
+    for n in nodes:  # Ray leaves out what is all in use
+        left = available.get(n["NodeID"], {})
+        free.append({**n, "Resources": {k: float(left.get(k, 0.0)) for k in n.get("Resources") or {}}})
+    return free
 
 
 def live_topology(nodes: list[dict[str, Any]], cpu_unit: float = 1.0) -> Topology:
@@ -104,6 +121,10 @@ def _bundle_resources(kind: str, node: dict[str, Any], unit_cpus: float) -> dict
 def reserve_slice(request: SliceRequest, workload: Workload, config: PlacerConfig | None = None) -> Slice:
     """Plan ``request`` on the live cluster and reserve it as one placement group.
 
+    The plan takes the whole cluster (the same layout every time on the same cluster). When its group is
+    not ready within ``_BUSY_S`` (another slice holds some of its units), the slice is planned again on
+    what is free now, if it fits there, and waits for the rest of ``ready_timeout_s``.
+
     Raises ``InfeasibleSliceError`` (what is missing, the largest alternative) without creating a
     placement group when the cluster cannot hold the slice, and after ``ready_timeout_s`` when the
     resources exist but stay busy.
@@ -112,6 +133,37 @@ def reserve_slice(request: SliceRequest, workload: Workload, config: PlacerConfi
     cpu_unit = _unit_cpus(request, nodes)
     topology = live_topology(nodes, cpu_unit)
     plan = plan_slice(topology, workload, request, config)
+    start = time.monotonic()
+    bundles, pg = _reserve(plan, topology, nodes, request, cpu_unit)
+    if not pg.wait(timeout_seconds=_whole_s(min(_BUSY_S, request.ready_timeout_s))):
+        remove_placement_group(pg)
+        try:
+            topology = live_topology(_free_nodes(nodes), cpu_unit)
+            plan = plan_slice(topology, workload, request, config)
+        except InfeasibleSliceError:  # busy everywhere it could go: wait for the first plan's units
+            topology = live_topology(nodes, cpu_unit)
+            plan = plan_slice(topology, workload, request, config)
+        bundles, pg = _reserve(plan, topology, nodes, request, cpu_unit)
+        if not pg.wait(timeout_seconds=_whole_s(request.ready_timeout_s - (time.monotonic() - start))):
+            remove_placement_group(pg)
+            raise InfeasibleSliceError(
+                f"the slice ({len(plan.unit_U)} {plan.kind} units + {len(plan.spare_U)} spares) exists in "
+                f"the cluster but its resources stayed busy for {request.ready_timeout_s:g} s; free them "
+                "(other jobs or placement groups hold them), ask for fewer units, or raise "
+                "SliceRequest.ready_timeout_s"
+            )
+    return Slice(plan, topology, pg, bundles)
+
+
+def _whole_s(seconds: float) -> int:
+    """``seconds`` for ``PlacementGroup.wait``, which takes whole seconds (it truncates): rounded up."""
+    return max(math.ceil(seconds), 1)
+
+
+def _reserve(
+    plan: SlicePlan, topology: Topology, nodes: list[dict[str, Any]], request: SliceRequest, cpu_unit: float
+) -> tuple[list[_Bundle], PlacementGroup]:
+    """The bundles of ``plan``, each pinned to its node, and the placement group asked for them."""
     unit_cpus = cpu_unit if plan.kind == "cpu" else (request.unit_cpus or 0.0)
     by_id = {n["NodeID"]: n for n in nodes}
     bundles = []
@@ -126,11 +178,4 @@ def reserve_slice(request: SliceRequest, workload: Workload, config: PlacerConfi
         name=f"zetta_ray-slice-{uuid.uuid4().hex[:8]}",
         bundle_label_selector=[{"ray.io/node-id": b.node_id} for b in bundles],
     )
-    if not pg.wait(timeout_seconds=request.ready_timeout_s):
-        remove_placement_group(pg)
-        raise InfeasibleSliceError(
-            f"the slice ({len(plan.unit_U)} {plan.kind} units + {len(plan.spare_U)} spares) exists in the "
-            f"cluster but its resources stayed busy for {request.ready_timeout_s:g} s; free them (other jobs "
-            "or placement groups hold them), ask for fewer units, or raise SliceRequest.ready_timeout_s"
-        )
-    return Slice(plan, topology, pg, bundles)
+    return bundles, pg
