@@ -13,8 +13,15 @@
    step, p50 and p95 over ``--kills`` kills (target <= 5 s), and the steps redone (snapshot step vs the
    step in progress; target 0, never more than 1).
 
+``--cluster`` runs the overhead part on a local cluster instead (``zr.chaos.local_cluster``: a head node
+and two worker nodes of 4 npu each, 3 GiB object stores; one module's units on each worker): each
+snapshot then goes to R=2 pools on the other two nodes through the object store, as on a real cluster,
+but every node shares this machine's cores, so the transfers between nodes cost CPU that the training
+steps would otherwise have.
+
     python benchmarks/recovery.py [--steps 4] [--rounds 6] [--warmup 1] [--kills 5] [--batches 8 64]
                                   [--control] [--overhead-only] [--fixed-order] [--full-every 8]
+                                  [--cluster] [--replicas 2]
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import ray
 import torch
 
 import zetta_ray as zr
+from zetta_ray.chaos import local_cluster
 
 
 def _model(d_model: int) -> zr.MoETransformer:
@@ -66,6 +74,8 @@ def overhead(
     control: bool = False,
     fixed_order: bool = False,
     full_every: int | None = None,
+    request: zr.SliceRequest | None = None,
+    replicas: int | None = None,
 ) -> dict:
     """The snapshot module's median step time over the other's. Rounds alternate which module goes
     first (ABBA), so that whatever the first or second block of a round suffers hits both alike.
@@ -76,9 +86,11 @@ def overhead(
     batch = torch.randint(0, 256, (batch_size, 129), generator=g)
     x, y = batch[:, :-1], batch[:, 1:]
     runs = {}
-    half = zr.SliceRequest(units=4, unit_cpus=0.25)  # both modules live at once on a 2-CPU machine
+    # both modules live at once on a 2-CPU machine
+    half = request or zr.SliceRequest(units=4, unit_cpus=0.25)
     # the default, a snapshot after every step (records between full ones; full_every=1: full only)
-    config = zr.TrickleCheckpoint(**({"full_every": full_every} if full_every else {}))
+    options = {"full_every": full_every, "replicas": replicas}
+    config = zr.TrickleCheckpoint(**{k: v for k, v in options.items() if v is not None})
     snapshots = False if control else config
     mods = {
         "none": zr.parallelize(_model(d_model), zr.ExpertParallel(degree=4), slice=half, checkpoint=False),
@@ -86,6 +98,11 @@ def overhead(
             _model(d_model), zr.ExpertParallel(degree=4), slice=half, checkpoint=snapshots
         ),
     }
+    manager = mods["every_step"]._runtime.supervisor
+    layout = [  # each unit's node and its snapshots' pools' nodes (8 hex digits each)
+        [node[:8], [n[:8] for _, n in manager._replica_targets(u)]]
+        for u, node in enumerate(manager.unit_nodes if manager else [])
+    ]
     try:
         opts = {k: m.optimizer(torch.optim.AdamW, lr=1e-3) for k, m in mods.items()}
         for r in range(rounds):  # short interleaved blocks: drift on a shared machine hits both alike
@@ -109,6 +126,8 @@ def overhead(
         "ratio": round(every / none, 3),
         "mean_ratio": round(mean, 3),
         "full_every": None if control else config.full_every,
+        "replicas": None if control else config.replicas,
+        "unit_node_and_replica_nodes": layout,
     }
 
 
@@ -169,9 +188,33 @@ def main() -> None:
     parser.add_argument(
         "--full-every", type=int, default=None, help="TrickleCheckpoint(full_every=...); default: its default"
     )
+    parser.add_argument(
+        "--replicas", type=int, default=None, help="TrickleCheckpoint(replicas=...); default: its default"
+    )
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="the d_model=512 overhead runs on a local cluster (head + 2 worker nodes of 4 npu each, 3 GiB "
+        "object stores): R=2 replicas on the nodes other than a unit's, through the object store",
+    )
     args = parser.parse_args()
-    zr.init()
     torch.set_num_threads(2)
+    if args.cluster:
+        store = 3 << 30  # per node; cluster_utils' 150 MiB default would spill the snapshots to disk
+        with local_cluster(
+            2, units={"npu": 4}, cpus_per_worker=2, system_config=None, object_store_bytes=store
+        ):
+            _overhead_runs(args, zr.SliceRequest(units=4, kind="npu"))
+        return
+    zr.init()
+    _overhead_runs(args)
+    if args.overhead_only:
+        return
+    print(json.dumps(overhead(256, args.steps, args.warmup, args.rounds, 8, args.first_warmup)), flush=True)
+    print(json.dumps(recovery(args.kills)), flush=True)
+
+
+def _overhead_runs(args: argparse.Namespace, request: zr.SliceRequest | None = None) -> None:
     for batch_size in args.batches:
         for control in (False, True) if args.control else (False,):
             result = overhead(
@@ -184,12 +227,10 @@ def main() -> None:
                 control,
                 args.fixed_order,
                 args.full_every,
+                request,
+                args.replicas,
             )
             print(json.dumps(result), flush=True)
-    if args.overhead_only:
-        return
-    print(json.dumps(overhead(256, args.steps, args.warmup, args.rounds, 8, args.first_warmup)), flush=True)
-    print(json.dumps(recovery(args.kills)), flush=True)
 
 
 if __name__ == "__main__":

@@ -350,12 +350,15 @@ def local_cluster(
     units: dict[str, float] | None = None,
     cpus_per_worker: int = 1,
     system_config: dict[str, Any] | None = FAST_HEALTH_CHECKS,
+    object_store_bytes: int | None = None,
 ) -> Iterator[Cluster]:
     """An in-process multi-node cluster, connected, and shut down on exit: a head node (the driver,
     no units) and ``workers`` worker nodes, each declaring ``units`` (e.g. ``{"npu": 2}``) as custom
     resources so that the slice's units go there. ``system_config`` is the head node's Ray
     ``_system_config``: ``FAST_HEALTH_CHECKS`` by default, ``None`` for Ray's own health checks (a
-    killed node is declared dead after about 15 s).
+    killed node is declared dead after about 15 s). ``object_store_bytes``: each node's object store
+    (``None``: ``ray.cluster_utils``' 150 MiB, which a test's small snapshots fit; a model of real size
+    spills to disk there).
 
     Every node runs on this machine: it tests recovery from the death of a node's processes, not of
     its network or power.
@@ -369,14 +372,15 @@ def local_cluster(
         )
     saved = os.environ.pop("RAY_ADDRESS", None)  # ray.init exports it; a stale one must not be joined
     system = dict(system_config or {})  # a copy: Ray adds its own keys to the config it is given
+    store = {} if object_store_bytes is None else {"object_store_memory": object_store_bytes}
     try:
         cluster = Cluster(
             initialize_head=True,
-            head_node_args={"num_cpus": 1, "include_dashboard": False, "_system_config": system},
+            head_node_args={"num_cpus": 1, "include_dashboard": False, "_system_config": system, **store},
         )
         try:
             for _ in range(workers):
-                cluster.add_node(num_cpus=cpus_per_worker, resources=dict(units or {}))
+                cluster.add_node(num_cpus=cpus_per_worker, resources=dict(units or {}), **store)
             ray.init(address=cluster.address)
             cluster.wait_for_nodes(timeout=60)
             yield cluster
