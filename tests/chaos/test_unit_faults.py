@@ -271,3 +271,14 @@ def test_tight_pools_fall_back_to_full_snapshots_and_recovery_stays_bitwise(faul
     assert refused, "the pool had room for every record: this test tests nothing"
     assert [r.unit for r in recoveries] == [1]
     _no_leftovers()
+
+
+def test_one_node_warns_once_that_replicas_share_the_units_node(fault_free, caplog):
+    """Four units on the one node, R=2: one warning that names the situation and the fix, not one per
+    unit (the main job printed four identical ones)."""
+    with caplog.at_level(logging.WARNING, logger="zetta_ray"):
+        state, _ = _train()
+    _assert_same(state, fault_free)
+    warned = [r.getMessage() for r in caplog.records if "unit's own node" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert "replicas=2" in warned[0] and "add nodes" in warned[0]

@@ -40,6 +40,7 @@ def choose_replica_nodes(
     racks: Mapping[str, str] | None = None,
     key: int = 0,
     strict: bool = False,
+    quiet: bool = False,
 ) -> tuple[str, ...]:
     """Nodes for the ``replicas`` copies of the snapshot of a unit that runs on ``unit_node``.
 
@@ -51,6 +52,7 @@ def choose_replica_nodes(
             node as its own rack.
         key: rotates the choice among equally good nodes (use the unit's index) to spread load.
         strict: raise instead of degrading when fewer than ``replicas`` other nodes exist.
+        quiet: degrade without the warning (a caller asking for many units warns once itself).
 
     Returns:
         Distinct node ids, best first: ``replicas`` of them, or fewer when degraded.
@@ -73,9 +75,11 @@ def choose_replica_nodes(
         if strict:
             raise ReplicaPlacementError(msg)
         if not others:
-            logger.warning("%s; keeping the single replica on the unit's own node", msg)
+            if not quiet:
+                logger.warning("%s; keeping the single replica on the unit's own node", msg)
             return (unit_node,)
-        logger.warning("%s; placing %d replica(s) instead", msg, len(others))
+        if not quiet:
+            logger.warning("%s; placing %d replica(s) instead", msg, len(others))
     shift = key % len(others)
     order = {n: (i - shift) % len(others) for i, n in enumerate(others)}
     chosen: list[str] = []

@@ -173,6 +173,7 @@ class FaultManager:
         self.dead_pools: set[str] = set()
         self.dead_nodes: set[str] = set()  # found dead before the cluster said so (see _live_nodes)
         self.full_pools: set[str] = set()  # refused a full snapshot since the last commit: tried last
+        self._degraded: set[tuple[int, bool, frozenset[str]]] = set()  # warned about (_warn_degraded)
         self._refused: dict[int, str] = {}  # unit -> why a pool refused its full snapshot since the commit
         self._puts: list[_Put] = []
         self._rounds: list[_SnapshotRound] = []
@@ -375,10 +376,45 @@ class FaultManager:
             full = self.full_pools
             if set(live_pools) <= full:  # every pool refused a snapshot lately: one may have room now
                 full = set()
-            self._targets[key] = decide_replica_nodes(
-                self.unit_nodes[u], live_pools, self.config.replicas, full_pools=full, key=u
+            targets = decide_replica_nodes(
+                self.unit_nodes[u], live_pools, self.config.replicas, full_pools=full, key=u, quiet=True
             )
+            self._targets[key] = targets
+            self._warn_degraded(u, targets, live_pools)
         return self._targets[key]
+
+    def _warn_degraded(self, u: int, targets: tuple[tuple[str, str], ...], pools: dict[str, str]) -> None:
+        """Warn once per situation (not once per unit) when unit ``u``'s snapshots get fewer than R
+        replicas, or one on its own node."""
+        own = any(n == self.unit_nodes[u] for _, n in targets)
+        if len(targets) >= self.config.replicas and not own:
+            return
+        situation = (len(targets), own, frozenset(pools.values()))
+        if situation in self._degraded:
+            return
+        self._degraded.add(situation)
+        nodes = len(set(pools.values()))
+        if own:
+            logger.warning(
+                "snapshots go to the MemoryPool on the unit's own node (unit %d, and others like it): "
+                "TrickleCheckpoint(replicas=%d) needs %d other node(s) with a pool with room, and %d "
+                "node(s) run one. A node failure loses its units and their snapshots together; add "
+                "nodes for replicas that survive it",
+                u,
+                self.config.replicas,
+                self.config.replicas,
+                nodes,
+            )
+        else:
+            logger.warning(
+                "unit %d's snapshots (and others like it) go to %d other node(s), not "
+                "TrickleCheckpoint(replicas=%d): %d node(s) run a MemoryPool. Add nodes or "
+                "lower replicas",
+                u,
+                len(targets),
+                self.config.replicas,
+                nodes,
+            )
 
     def _collect(self, wait_s: float = 0.0) -> None:
         """Take in finished puts; a put past the deadline or failed is logged and not counted."""

@@ -30,6 +30,7 @@ def decide_replica_nodes(
     racks: Mapping[str, str] | None = None,
     key: int = 0,
     strict: bool = False,
+    quiet: bool = False,
 ) -> tuple[tuple[PoolId, str], ...]:
     """The ``(pool, node)`` pairs that should hold the next snapshot of the unit on ``unit_node``.
 
@@ -39,7 +40,8 @@ def decide_replica_nodes(
         replicas: R, how many copies (``TrickleCheckpoint.replicas``).
         live_nodes: nodes alive now; None: every pool's node.
         full_pools: pools that refused a put (``PoolFullError``) and should be skipped.
-        racks, key, strict: as for ``checkpoint.choose_replica_nodes`` (pass the unit index as key).
+        racks, key, strict, quiet: as for ``checkpoint.choose_replica_nodes`` (pass the unit index as
+            key).
 
     Returns:
         Up to R pairs on distinct nodes, best first (fewer, with a warning, when fewer nodes have a
@@ -50,7 +52,9 @@ def decide_replica_nodes(
     by_node: dict[str, list[PoolId]] = {}
     for p, n in usable.items():
         by_node.setdefault(n, []).append(p)
-    nodes = choose_replica_nodes(unit_node, by_node, replicas, racks=racks, key=key, strict=strict)
+    nodes = choose_replica_nodes(
+        unit_node, by_node, replicas, racks=racks, key=key, strict=strict, quiet=quiet
+    )
     chosen = []
     for node in nodes:
         on_node = sorted(by_node[node], key=str)
