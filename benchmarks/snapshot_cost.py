@@ -15,7 +15,12 @@ CPU seconds drift less than wall time on a shared machine, and on a machine whos
 training (2 cores here), extra CPU is extra step time: the share is the overhead to expect, which
 benchmarks/recovery.py measures directly as a wall-time ratio.
 
-    python benchmarks/snapshot_cost.py [--batch-size 8] [--rounds 3] [--steps 6] [--warmup 4]
+``--cluster``: the two modules on a local cluster instead (benchmarks/recovery.py ``--cluster``: head
+and two worker nodes of 4 npu, one module's units on each worker, R=2 replicas on the two nodes other
+than a unit's). ``raylet`` then counts every node's raylet (each hosts its node's object store and moves
+objects between nodes) for both modules alike.
+
+    python benchmarks/snapshot_cost.py [--batch-size 8] [--rounds 3] [--steps 6] [--warmup 4] [--cluster]
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 from recovery import _model, _step
 
 import zetta_ray as zr
+from zetta_ray.chaos import local_cluster
 
 GROUPS = ("units", "pools", "controller", "raylet")
 PAUSE_S = 0.3  # after each step: the snapshot's asynchronous work finishes inside the measured window
@@ -75,13 +81,9 @@ def _copy_ms(nbytes: int, repeats: int = 5) -> float:
 def _pids(dm: zr.DistributedModule) -> dict[str, list[int]]:
     pools = dm._faults.pools.values() if dm._faults is not None else []
     units = [p["pid"] for p in dm._runtime.ping()]
-    raylet = int(_stat(units[0])[1])  # a worker's parent process: its node's raylet
-    return {
-        "units": units,
-        "raylet": [raylet],
-        "pools": [ray.get(p.stats.remote(), timeout=60)["pid"] for p in pools],
-        "controller": [os.getpid()],
-    }
+    pools = [ray.get(p.stats.remote(), timeout=60)["pid"] for p in pools]
+    raylets = sorted({int(_stat(pid)[1]) for pid in units + pools})  # a worker's parent: its raylet
+    return {"units": units, "raylet": raylets, "pools": pools, "controller": [os.getpid()]}
 
 
 def main() -> None:
@@ -92,13 +94,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6, help="measured steps per module per round")
     parser.add_argument("--warmup", type=int, default=4, help="unmeasured steps at the start of a round")
+    parser.add_argument("--cluster", action="store_true", help="on a local three-node cluster (see above)")
     args = parser.parse_args()
-    zr.init()
     torch.set_num_threads(2)
+    if args.cluster:
+        with local_cluster(
+            2, units={"npu": 4}, cpus_per_worker=2, system_config=None, object_store_bytes=3 << 30
+        ):
+            _measure(args, zr.SliceRequest(units=4, kind="npu"))
+    else:
+        zr.init()
+        _measure(args, zr.SliceRequest(units=4, unit_cpus=0.25))  # both modules live at once on 2 CPUs
+
+
+def _measure(args: argparse.Namespace, half: zr.SliceRequest) -> None:
     g = torch.Generator().manual_seed(0)
     batch = torch.randint(0, 256, (args.batch_size, 129), generator=g)
     x, y = batch[:, :-1], batch[:, 1:]
-    half = zr.SliceRequest(units=4, unit_cpus=0.25)  # both modules live at once on 2 CPUs
     mods = {
         "none": zr.parallelize(_model(512), zr.ExpertParallel(degree=4), slice=half, checkpoint=False),
         "every_step": zr.parallelize(_model(512), zr.ExpertParallel(degree=4), slice=half),
@@ -107,6 +119,9 @@ def main() -> None:
     try:
         opts = {k: m.optimizer(torch.optim.AdamW, lr=1e-3) for k, m in mods.items()}
         pids = {k: _pids(m) for k, m in mods.items()}
+        raylets = sorted({r for p in pids.values() for r in p["raylet"]})
+        for p in pids.values():  # on a cluster every node's raylet works for the snapshots: count all
+            p["raylet"] = raylets
         nbytes = sum(a.nbytes for a in mods["none"]._runtime.state_dict().values()) * 3  # + 2 moments
         for _ in range(args.rounds):
             for k, m in mods.items():
@@ -141,6 +156,8 @@ def main() -> None:
                 "benchmark": "snapshot_cost",
                 "d_model": 512,
                 "units": 4,
+                "nodes": "head + 2 workers (local cluster)" if args.cluster else "one",
+                "raylets": len(pids["none"]["raylet"]),
                 "tokens_per_step": args.batch_size * 128,
                 "steps_measured": len(samples["none"]["wall_s"]),
                 "full_snapshot_bytes": nbytes,
