@@ -119,6 +119,8 @@ def train(
     phase)`` is called before forward, before backward and after the optimizer step of every step (the
     chaos tool injects faults there).
     """
+    if resume and train_cfg.checkpoint_dir is None:  # before the corpus is built or Ray started
+        raise zr.errors.ConfigError("--resume needs --checkpoint-dir (TrainConfig.checkpoint_dir)")
     runtime_cfg = runtime_cfg or RuntimeConfig()
     say = log or (lambda _msg: None)
     started = time.perf_counter()
@@ -137,8 +139,6 @@ def train(
     degree = train_cfg.expert_degree
     say(f"starting {degree} compute units for {model_cfg.n_layers} x {model_cfg.n_experts} experts")
     durable = train_cfg.checkpoint_dir is not None
-    if resume and not durable:
-        raise zr.errors.ConfigError("--resume needs --checkpoint-dir (TrainConfig.checkpoint_dir)")
     checkpoint = (
         zr.TrickleCheckpoint(durable_uri=train_cfg.checkpoint_dir, durable_every=train_cfg.checkpoint_every)
         if durable

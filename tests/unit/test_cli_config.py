@@ -84,6 +84,17 @@ def test_cli_reports_config_errors_in_one_line(tmp_path: Path, capsys: pytest.Ca
     assert err.count("\n") == 1 and "TrainConfig.steps=0 is invalid" in err
 
 
+def test_resume_without_a_checkpoint_dir_is_refused_before_anything_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import ray
+
+    corpus = tmp_path / "corpus"
+    assert main(["train", "--resume", "--data-dir", str(corpus)]) == 2
+    assert "--resume needs --checkpoint-dir" in capsys.readouterr().err
+    assert not ray.is_initialized() and not corpus.exists()  # no cluster started, no corpus built
+
+
 def _one_line_unknown_key() -> str:
     accepted = sorted(f.name for f in zr.TrainConfig.__dataclass_fields__.values())
     return f"unknown key(s) ['lrr'] in [train]; TrainConfig accepts {accepted}"
