@@ -150,6 +150,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every,
+        pool_bytes=args.pool_bytes,
     )
     t, m = cfg.train, cfg.model
     _err(
@@ -199,6 +200,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "--checkpoint-dir", metavar="URI", help="durable checkpoints here (a path, s3://, gs://, hdfs://)"
     )
     p.add_argument("--checkpoint-every", type=int, help="steps between durable checkpoints (default 100)")
+    p.add_argument(
+        "--pool-bytes", type=int, help="snapshot bytes each node's MemoryPool holds (default 2 GiB)"
+    )
     p.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir"
     )

@@ -135,7 +135,8 @@ class TrainConfig:
 
     ``checkpoint_dir`` (a local path or any URI ``pyarrow.fs`` opens: ``s3://``, ``gs://``, ``hdfs://``)
     receives a durable checkpoint every ``checkpoint_every`` steps (and after the last one), written off
-    the training thread; ``zetta-ray train --resume`` continues from the newest one.
+    the training thread; ``zetta-ray train --resume`` continues from the newest one. ``pool_bytes`` is
+    ``TrickleCheckpoint.pool_bytes``: the most bytes of snapshots each node's MemoryPool holds.
 
     ``data_dir`` is the corpus directory itself; ``None`` uses ``~/.cache/zetta_ray/corpus-<hash of the
     corpus settings>`` (``XDG_CACHE_HOME`` is honoured). The corpus is built there on first use.
@@ -151,10 +152,18 @@ class TrainConfig:
     corpus_bytes: int = 4_000_000
     checkpoint_dir: str | None = None
     checkpoint_every: int = 100
+    pool_bytes: int = 2 << 30
 
     def __post_init__(self) -> None:
         c = "TrainConfig"
-        for name in ("steps", "batch_size", "expert_degree", "corpus_bytes", "checkpoint_every"):
+        for name in (
+            "steps",
+            "batch_size",
+            "expert_degree",
+            "corpus_bytes",
+            "checkpoint_every",
+            "pool_bytes",
+        ):
             _positive_int(c, name, getattr(self, name))
         _check(_is_number(self.lr) and self.lr > 0, c, "lr", self.lr, "must be a number > 0")
         _check(

@@ -139,10 +139,10 @@ def train(
     degree = train_cfg.expert_degree
     say(f"starting {degree} compute units for {model_cfg.n_layers} x {model_cfg.n_experts} experts")
     durable = train_cfg.checkpoint_dir is not None
-    checkpoint = (
-        zr.TrickleCheckpoint(durable_uri=train_cfg.checkpoint_dir, durable_every=train_cfg.checkpoint_every)
-        if durable
-        else None
+    checkpoint = zr.TrickleCheckpoint(
+        durable_uri=train_cfg.checkpoint_dir,
+        durable_every=train_cfg.checkpoint_every,
+        pool_bytes=train_cfg.pool_bytes,
     )
     with zr.mesh(expert=degree):
         dmodel = zr.parallelize(

@@ -83,3 +83,15 @@ def test_train_function_is_deterministic(address: str, tmp_path: Path) -> None:
     assert a.val_loss is not None and b.val_loss is None
     assert a.loader_state["step"] == 4
     assert "trained 4 steps" in a.summary()
+
+
+def test_train_command_passes_pool_bytes_to_the_checkpointing(address: str, tmp_path: Path) -> None:
+    """``--pool-bytes`` reaches the MemoryPools: a limit below the first snapshot fails at once, with
+    exit code 1 and the fix named, instead of training."""
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_TOML)
+    args = ["train", "--config", str(config), "--steps", "2", "--address", address, "--pool-bytes", "1000"]
+    args += ["--data-dir", str(tmp_path / "corpus")]
+    done = subprocess.run(_zetta_ray() + args, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1, (done.stdout, done.stderr[-3000:])
+    assert "step-0 snapshot does not fit" in done.stderr and "pool_bytes" in done.stderr, done.stderr[-3000:]

@@ -82,6 +82,8 @@ def test_cli_reports_config_errors_in_one_line(tmp_path: Path, capsys: pytest.Ca
     assert main(["train", "--steps", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "TrainConfig.steps=0 is invalid" in err
+    assert main(["train", "--pool-bytes", "0"]) == 2
+    assert "TrainConfig.pool_bytes=0 is invalid" in capsys.readouterr().err
 
 
 def test_resume_without_a_checkpoint_dir_is_refused_before_anything_starts(
