@@ -65,8 +65,9 @@ class TrickleCheckpoint:
         pool_bytes: the most bytes of snapshots each MemoryPool (one per node) holds. A pool holds, per
             unit it serves, a full snapshot (parameters and optimizer state: 3x the parameters with
             AdamW), up to ``full_every - 1`` gradient records (1x each) and the next snapshot in flight.
-            Too small, and records give way to full snapshots; a unit whose full snapshot fits in no
-            pool is not protected (warned at each step) until room comes free.
+            Too small, and records give way to full snapshots; too small for the step-0 snapshots,
+            ``zr.parallelize`` fails at once; full snapshots refused with nothing committed for
+            ``2 * full_every * every`` steps stop training (``RecoveryFailed``, with the sizes).
     """
 
     every: int = 1
