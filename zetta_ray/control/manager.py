@@ -165,7 +165,6 @@ class FaultManager:
         self.spares = list(spares)  # (actor options of a reserved bundle, its node)
         self.deadline_s = deadline_s
         self.start_deadline_s = max(start_deadline_s, deadline_s)  # a replacement starts, then restores
-        self.pool_limit_bytes = config.pool_bytes
         self.events: list[RecoveryEvent] = []
         self.acked: dict[int, list[Replica]] = {}
         self.pools: dict[str, Any] = {}
@@ -194,18 +193,18 @@ class FaultManager:
             DurableCheckpointer(config, deadline_s=deadline_s) if config.durable_uri is not None else None
         )
         for node in sorted(self._live_nodes()):
-            self._start_pool(node, self.pool_limit_bytes)
+            self._start_pool(node)
         try:  # pools start while the units do; a unit lost before its first snapshot is unrecoverable
             ray.get([h.ping.remote() for h in self.pools.values()], timeout=max(deadline_s, 120.0))
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
             self.close()
             raise RecoveryFailed(f"the MemoryPool actors did not start: {e}") from e
 
-    def _start_pool(self, node: str, limit: int) -> None:
+    def _start_pool(self, node: str) -> None:
         pid = f"pool-{node[:8]}-{len(self.pools)}"
         self.pools[pid] = MemoryPoolActor.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
-        ).remote(limit, pid)
+        ).remote(self.config.pool_bytes, pid)
         self.pool_nodes[pid] = node
 
     def attach(self, runtime: Any) -> None:
@@ -227,15 +226,15 @@ class FaultManager:
         """Raise when full snapshots have been refused for lack of room and nothing was committed for
         two chains' worth of steps: the pools cannot hold every unit's state at once, and going on would
         leave the job without a recent snapshot or a durable checkpoint (the journal growing meanwhile)."""
-        patience = 2 * self.config.full_every * self.config.every
-        if self._refused and step - max(self.committed_step, 0) > patience:
+        since = max(self.committed_step, 0)
+        if self._refused and step - since > 2 * self.config.full_every * self.config.every:
             units = sorted(self._refused)
             raise RecoveryFailed(
-                f"no snapshot was committed in the {step - max(self.committed_step, 0)} steps since step "
-                f"{max(self.committed_step, 0)}: the MemoryPool actors have no room for the full snapshots "
-                f"of units {units} ({self._refused[units[0]]}). Raise TrickleCheckpoint(pool_bytes=...) "
-                f"(now {self.pool_limit_bytes} bytes per pool), add nodes, or give fewer experts to each "
-                "unit; the last durable checkpoint, if any, is intact"
+                f"no snapshot was committed in the {step - since} steps since step {since}: the MemoryPool "
+                f"actors have no room for the full snapshots of units {units} ({self._refused[units[0]]}). "
+                f"Raise TrickleCheckpoint(pool_bytes=...) (now {self.config.pool_bytes} bytes per pool), "
+                "add nodes, or give fewer experts to each unit; the last durable checkpoint, if any, is "
+                "intact"
             )
 
     def snapshot(
@@ -288,7 +287,7 @@ class FaultManager:
             if round_.refused:
                 raise RecoveryFailed(
                     f"the step-{step} snapshot does not fit in the MemoryPool actors: {round_.refused[0]} "
-                    f"Raise TrickleCheckpoint(pool_bytes=...) (now {self.pool_limit_bytes} bytes per pool; "
+                    f"Raise TrickleCheckpoint(pool_bytes=...) (now {self.config.pool_bytes} bytes per pool; "
                     "with AdamW a unit's full snapshot after its first step is about 3x its step-0 one), "
                     "add nodes, or give fewer experts to each unit"
                 )
@@ -560,7 +559,7 @@ class FaultManager:
         alive = self._live_nodes(suspects=[node])
         logger.warning("MemoryPool %s died; %s", pool, "starting a new one" if node in alive else "node gone")
         if node in alive:
-            self._start_pool(node, self.pool_limit_bytes)
+            self._start_pool(node)
 
     def _commit(self, step: int, units: list[int] | None = None) -> None:
         """Drop what the snapshots of ``step`` (of every unit, or of ``units``) make unnecessary: older

@@ -138,11 +138,10 @@ def reserve_slice(request: SliceRequest, workload: Workload, config: PlacerConfi
     if not pg.wait(timeout_seconds=_whole_s(min(_BUSY_S, request.ready_timeout_s))):
         remove_placement_group(pg)
         try:
-            topology = live_topology(_free_nodes(nodes), cpu_unit)
-            plan = plan_slice(topology, workload, request, config)
+            free = live_topology(_free_nodes(nodes), cpu_unit)
+            topology, plan = free, plan_slice(free, workload, request, config)
         except InfeasibleSliceError:  # busy everywhere it could go: wait for the first plan's units
-            topology = live_topology(nodes, cpu_unit)
-            plan = plan_slice(topology, workload, request, config)
+            pass
         bundles, pg = _reserve(plan, topology, nodes, request, cpu_unit)
         if not pg.wait(timeout_seconds=_whole_s(request.ready_timeout_s - (time.monotonic() - start))):
             remove_placement_group(pg)
