@@ -41,6 +41,7 @@ def unit_part(u: int) -> str:
 class _Staged:
     step: int
     dense: Snapshot
+    before: TrickleState  # the schedule's state before this checkpoint was staged
 
 
 class DurableCheckpointer:
@@ -73,12 +74,28 @@ class DurableCheckpointer:
 
     def stage(self, step: int, dense: Snapshot) -> None:
         """Keep the dense part of step ``step`` until the units' snapshots of that step are stored."""
+        self.staged.append(_Staged(step, dense, self.state))
         self.state = self.state.after_durable(step, time.monotonic())
-        self.staged.append(_Staged(step, dense))
 
     def wants(self, step: int) -> bool:
         """Whether a checkpoint of ``step`` is staged and waits for the units' snapshots."""
         return any(s.step == step for s in self.staged)
+
+    def abandon(self, step: int) -> None:
+        """The snapshots of ``step`` will never all be stored (a put failed or timed out): give up its
+        staged checkpoint, with a warning, and let the schedule pick the next one as if it had not been
+        staged."""
+        match = [s for s in self.staged if s.step == step]
+        if not match:
+            return
+        self.staged = [s for s in self.staged if s.step != step]
+        if self.state.last_durable_step == step:
+            self.state = match[0].before
+        logger.warning(
+            "durable checkpoint of step %d skipped: a snapshot of that step could not be stored (see the "
+            "warnings before); the next durable checkpoint is made at the next step the schedule names",
+            step,
+        )
 
     def commit(self, step: int, fetch: dict[int, list[ray.ObjectRef]]) -> None:
         """The units' snapshots of ``step`` are stored: write the checkpoint staged for ``step``.

@@ -29,7 +29,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -43,6 +43,7 @@ from zetta_ray.control.faults import fault_from_error
 from zetta_ray.control.recovery import RecoveryAction, Replica, Spare, decide_recovery
 from zetta_ray.control.replay import ReplayLog
 from zetta_ray.control.replicas import decide_replica_nodes
+from zetta_ray.control.rounds import SnapshotRound, plan_commit
 from zetta_ray.errors import UnitFailed, UnitFault, ZettaError
 from zetta_ray.runtime.engine import by_value
 
@@ -86,14 +87,6 @@ def _slot_width(config: TrickleCheckpoint, kind: str) -> int:
 
 
 @dataclass(slots=True)
-class _SnapshotRound:
-    step: int
-    waiting: dict[int, int] = field(default_factory=dict)  # unit -> acknowledgements still missing
-    partial: bool = False  # some units only (a replacement's first snapshot), not every unit
-    refused: list[str] = field(default_factory=list)  # why pools refused its full snapshots
-
-
-@dataclass(slots=True)
 class _Put:
     unit: int
     step: int
@@ -101,7 +94,7 @@ class _Put:
     node: str
     ref: ray.ObjectRef
     sent: float
-    round: _SnapshotRound
+    round: SnapshotRound
     base: int  # the step of the full snapshot it restores from: ``step`` itself, or a record's chain start
     slot: SlotKey | None = None  # the shared-memory slot the unit copied it into (actors/staging.py)
 
@@ -175,7 +168,7 @@ class FaultManager:
         self._degraded: set[tuple[int, bool, frozenset[str]]] = set()  # warned about (_warn_degraded)
         self._refused: dict[int, str] = {}  # unit -> why a pool refused its full snapshot since the commit
         self._puts: list[_Put] = []
-        self._rounds: list[_SnapshotRound] = []
+        self._rounds: list[SnapshotRound] = []
         self._targets: dict[tuple[Any, ...], tuple[tuple[str, str], ...]] = {}
         self._chains: dict[int, _Chain] = {}  # unit -> what its next gradient record would build on
         self._broken: set[int] = set()  # units whose chain lost a put: their next snapshot is full
@@ -252,7 +245,7 @@ class FaultManager:
         if wait and units is None:
             self._reserve_slots(runtime)
         full = full or wait or units is not None
-        round_ = _SnapshotRound(step, partial=units is not None)
+        round_ = SnapshotRound(step, partial=units is not None)
         now = time.monotonic()
         for u, unit in enumerate(runtime.units):
             if units is not None and u not in units:
@@ -432,6 +425,7 @@ class FaultManager:
                         "snapshot of unit %d step %d to %s timed out", put.unit, put.step, put.pool
                     )
                     self._broken.add(put.unit)
+                    put.round.lost = True
                 else:
                     still.append(put)
                 continue
@@ -440,6 +434,7 @@ class FaultManager:
             except PoolFullError as e:
                 self._forget_slots(put.pool, put.unit, put.step)
                 self._broken.add(put.unit)
+                put.round.lost = True
                 why = str(getattr(e, "cause", e))  # the pool's own message, without Ray's traceback
                 if put.base != put.step:
                     # a record that does not fit beside its chain: the next full snapshot may evict it
@@ -461,6 +456,7 @@ class FaultManager:
             except ray.exceptions.RayError as e:
                 self._forget_slots(put.pool, put.unit, put.step)  # not stored: the pool or the blob failed
                 self._broken.add(put.unit)
+                put.round.lost = True
                 # Not proof the pool died: the unit that made the blob may be the one that did.
                 logger.warning(
                     "snapshot of unit %d step %d to %s failed: %s",
@@ -475,18 +471,17 @@ class FaultManager:
             self._acknowledge(put)
             put.round.waiting[put.unit] -= 1
         self._puts = still
-        for r in [r for r in self._rounds if r.partial and not any(r.waiting.values())]:
-            self._rounds.remove(r)
+        wanted = [s.step for s in self.durable.staged] if self.durable is not None else []
+        plan = plan_commit(self._rounds, self.acked, committed=self.committed_step, wanted=wanted)
+        self._rounds = list(plan.keep)
+        for r in plan.partial:
             self._commit(r.step, units=list(r.waiting))
-        complete = [r.step for r in self._rounds if not any(r.waiting.values())]
-        if complete:  # the newest fully stored snapshot makes every older one unnecessary
-            newest = max(complete)
-            # (a step can have two rounds: its records, then the full snapshots a durable checkpoint
-            # needs; the second commits that step again)
-            self._rounds = [
-                r for r in self._rounds if r.step > newest or (r.step == newest and any(r.waiting.values()))
-            ]
-            self._commit(newest)
+        for step in plan.durable:  # oldest first: writing a newer one gives up on older staged ones
+            self._write_durable(step)
+        for step in plan.abandoned:
+            self.durable.abandon(step)
+        if plan.step is not None:
+            self._commit(plan.step)
 
     def _acknowledge(self, put: _Put) -> None:
         """Count ``put``'s replica as stored. A pool keeps a full snapshot over a record of the same step
@@ -507,6 +502,7 @@ class FaultManager:
                 kept.append(put)
                 continue
             self._broken.add(put.unit)
+            put.round.lost = True
             logger.warning(
                 "snapshot of unit %d step %d to %s abandoned: its unit's or pool's node is dead",
                 put.unit,
@@ -573,24 +569,30 @@ class FaultManager:
         self.committed_step = max(self.committed_step, step)
         self.full_pools.clear()  # the drops below free room: a pool that refused may take the next one
         self._refused.clear()
-        if self.durable is not None and self.durable.wants(step):
-            full = {u: [r for r in rs if r.step == step == r.start] for u, rs in self.acked.items()}
-            # (a step whose units sent records gets its full snapshots from stage_durable, and commits
-            # again when they are stored)
-            if all(full.values()):
-                fetch = {  # sent now, so that the drop_before calls below cannot overtake them
-                    u: [self.pools[r.pool].get.remote(u, step) for r in rs] for u, rs in full.items()
-                }
-                self.durable.commit(step, fetch)
         self._drop_stale(step, list(self.acked))
+
+    def _write_durable(self, step: int) -> None:
+        """Write the durable checkpoint staged for ``step`` if every unit's full snapshot of ``step`` is
+        stored (a step whose units sent records gets its full snapshots from ``stage_durable``)."""
+        if self.durable is None or not self.durable.wants(step):
+            return
+        full = {u: [r for r in rs if r.step == step == r.start] for u, rs in self.acked.items()}
+        if all(full.values()):
+            fetch = {  # sent now, so that a later drop_before cannot overtake them
+                u: [self.pools[r.pool].get.remote(u, step) for r in rs] for u, rs in full.items()
+            }
+            self.durable.commit(step, fetch)
 
     def _drop_stale(self, step: int, units: list[int]) -> None:
         """Forget the replicas that restoring ``step`` does not need: those before the full snapshot that
-        each unit's replicas of ``step`` start from."""
+        each unit's replicas of ``step`` start from, and before the oldest step a staged durable
+        checkpoint is still to be made of."""
+        floor = [min(s.step for s in self.durable.staged)] if self.durable and self.durable.staged else []
         stale = set()
         for u in units:
             replicas = self.acked.get(u, [])
             keep = min((r.start for r in replicas if r.step == step), default=step)
+            keep = min([keep, *floor])
             stale |= {(r.pool, u, keep) for r in replicas if r.step < keep and r.pool not in self.dead_pools}
             self.acked[u] = [r for r in replicas if r.step >= keep]
         in_flight = {(p.pool, p.unit, p.step) for p in self._puts}
@@ -767,7 +769,7 @@ class FaultManager:
         if not all(u in self._chains and self._chains[u].base == step for u in range(len(runtime.units))):
             self.snapshot(runtime, full=True)  # none this step, or records: a checkpoint needs full state
         elif step <= self.committed_step:  # its snapshots landed already
-            self._commit(step)
+            self._write_durable(step)
 
     def finish_durable(self) -> None:
         """Wait until every staged durable checkpoint is written; raise if one could not be."""
