@@ -275,7 +275,7 @@ class FaultManager:
         self._rounds.append(round_)
         if wait:
             deadline = time.monotonic() + self.deadline_s
-            while any(round_.waiting.values()) and not round_.refused and time.monotonic() < deadline:
+            while not round_.stored and not round_.refused and time.monotonic() < deadline:
                 self._collect(wait_s=0.05)
             if round_.refused:
                 raise RecoveryFailed(
@@ -284,7 +284,7 @@ class FaultManager:
                     "with AdamW a unit's full snapshot after its first step is about 3x its step-0 one), "
                     "add nodes, or give fewer experts to each unit"
                 )
-            if any(round_.waiting.values()):
+            if not round_.stored:
                 raise RecoveryFailed(
                     f"the step-{step} snapshot was not stored within {self.deadline_s:g} s "
                     f"(acknowledgements missing: {round_.waiting}); check the MemoryPool actors"

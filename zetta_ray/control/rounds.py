@@ -87,17 +87,14 @@ def plan_commit(
     ready = [r for r in rounds if r.stored and restorable(r, acked)]
     whole = [r.step for r in ready if not r.partial]
     newest = max(whole, default=None)
-    keep = []
-    for r in rounds:
-        if r in ready:
-            continue
-        if (
-            newest is None
-            or r.step > newest
-            or (r.step == newest and not r.lost)  # a second round of that step (a durable's full one)
-            or (r.step in wanted and not r.lost)
-        ):
-            keep.append(r)
+    keep = [
+        r
+        for r in rounds
+        if r not in ready
+        # a newer round; or, not lost, a second round of the newest step (a durable's full one) or one
+        # a staged durable checkpoint waits for
+        and (newest is None or r.step > newest or (not r.lost and (r.step == newest or r.step in wanted)))
+    ]
     return CommitPlan(
         step=newest if newest is not None and newest > committed else None,
         partial=tuple(r for r in ready if r.partial),
