@@ -15,7 +15,7 @@ from ray.util.placement_group import placement_group_table
 from ray.util.state import list_actors
 
 import zetta_ray as zr
-from zetta_ray.control.manager import RecoveryFailed
+from zetta_ray.errors import RecoveryFailed
 
 pytestmark = pytest.mark.chaos
 

@@ -48,7 +48,7 @@ import ray
 
 from zetta_ray.actors.staging import StagedSnapshot, open_slot, unstage
 from zetta_ray.checkpoint import Snapshot, read_manifest
-from zetta_ray.errors import ConfigError, ZettaError
+from zetta_ray.errors import ConfigError, PoolFullError, SnapshotNotHeldError
 
 __all__ = ["MemoryPool", "MemoryPoolActor", "PoolFullError", "SnapshotNotHeldError"]
 
@@ -56,28 +56,6 @@ logger = logging.getLogger(__name__)
 
 Owner = int | str  # a unit index, or a part name such as "controller"
 Held = Snapshot | bytes
-
-
-class PoolFullError(ZettaError, MemoryError):
-    """A snapshot does not fit in a MemoryPool even after evicting its owner's older steps.
-
-    Attributes: ``pool``, ``unit``, ``step``, ``needed`` (bytes of the blob), ``free`` (bytes free after
-    the possible evictions) and ``limit`` (the pool's byte limit).
-    """
-
-    def __init__(self, message: str, **attrs: Any):
-        super().__init__(message)
-        for name in ("pool", "unit", "step", "needed", "free", "limit"):
-            setattr(self, name, attrs.get(name))
-
-
-class SnapshotNotHeldError(ZettaError, LookupError):
-    """A MemoryPool holds no snapshot under the requested key. The message lists what it holds."""
-
-    def __init__(self, message: str, **attrs: Any):
-        super().__init__(message)
-        for name in ("pool", "unit", "step", "held"):
-            setattr(self, name, attrs.get(name))
 
 
 def _is_full(blob: Held) -> bool:

@@ -14,15 +14,6 @@ MemoryPool actor, the trickle scheduler and recovery build on these pieces (see 
 from __future__ import annotations
 
 from zetta_ray.checkpoint.config import TrickleCheckpoint
-from zetta_ray.checkpoint.errors import (
-    CheckpointError,
-    CorruptCheckpointError,
-    FlushError,
-    FlushTimeout,
-    NoValidCheckpointError,
-    ReplicaPlacementError,
-    SnapshotFormatError,
-)
 from zetta_ray.checkpoint.flusher import AsyncFlusher
 from zetta_ray.checkpoint.layout import MANIFEST, MARKER, CheckpointInfo, PartEntry, step_dir_name
 from zetta_ray.checkpoint.policy import TrickleDecision, TrickleState, decide, should_snapshot
@@ -37,6 +28,15 @@ from zetta_ray.checkpoint.snapshot import (
     read_manifest,
 )
 from zetta_ray.checkpoint.store import DurableStore
+from zetta_ray.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    FlushError,
+    FlushTimeout,
+    NoValidCheckpointError,
+    ReplicaPlacementError,
+    SnapshotFormatError,
+)
 
 __all__ = [
     "GRADIENT_RECORD",

@@ -27,8 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from zetta_ray.checkpoint.errors import CheckpointError, FlushError, FlushTimeout
-from zetta_ray.errors import ConfigError
+from zetta_ray.errors import CheckpointError, ConfigError, FlushError, FlushTimeout
 
 __all__ = ["AsyncFlusher"]
 

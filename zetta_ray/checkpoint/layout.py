@@ -25,10 +25,9 @@ from typing import Any
 import pyarrow.fs as pafs
 from msgpack.exceptions import UnpackException
 
-from zetta_ray.checkpoint.errors import CorruptCheckpointError, SnapshotFormatError
 from zetta_ray.checkpoint.snapshot import TensorEntry
 from zetta_ray.checkpoint.tree import pack, unflatten, unpack
-from zetta_ray.errors import ConfigError
+from zetta_ray.errors import ConfigError, CorruptCheckpointError, SnapshotFormatError
 
 __all__ = ["MANIFEST", "MARKER", "CheckpointInfo", "PartEntry", "step_dir_name"]
 

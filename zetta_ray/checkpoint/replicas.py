@@ -24,8 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping
 
-from zetta_ray.checkpoint.errors import ReplicaPlacementError
-from zetta_ray.errors import ConfigError
+from zetta_ray.errors import ConfigError, ReplicaPlacementError
 
 __all__ = ["choose_replica_nodes"]
 

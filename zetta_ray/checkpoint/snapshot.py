@@ -38,8 +38,8 @@ import safetensors.numpy
 from msgpack.exceptions import UnpackException
 from safetensors import SafetensorError
 
-from zetta_ray.checkpoint.errors import CorruptCheckpointError, SnapshotFormatError
 from zetta_ray.checkpoint.tree import flatten, pack, unflatten, unpack
+from zetta_ray.errors import CorruptCheckpointError, SnapshotFormatError
 
 __all__ = [
     "GRADIENT_RECORD",

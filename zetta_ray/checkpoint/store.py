@@ -45,12 +45,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from zetta_ray.checkpoint.errors import (
-    CheckpointError,
-    CorruptCheckpointError,
-    NoValidCheckpointError,
-    SnapshotFormatError,
-)
 from zetta_ray.checkpoint.layout import (
     MANIFEST,
     MARKER,
@@ -78,7 +72,13 @@ from zetta_ray.checkpoint.snapshot import (
     read_manifest,
 )
 from zetta_ray.checkpoint.tree import flatten
-from zetta_ray.errors import ConfigError
+from zetta_ray.errors import (
+    CheckpointError,
+    ConfigError,
+    CorruptCheckpointError,
+    NoValidCheckpointError,
+    SnapshotFormatError,
+)
 
 __all__ = ["DurableStore"]
 

@@ -28,7 +28,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from zetta_ray.checkpoint.errors import SnapshotFormatError
+from zetta_ray.errors import SnapshotFormatError
 
 __all__ = ["flatten", "pack", "unflatten", "unpack"]
 

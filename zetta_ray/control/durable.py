@@ -23,7 +23,7 @@ import ray
 
 from zetta_ray.checkpoint import AsyncFlusher, CheckpointInfo, DurableStore, Snapshot, TrickleCheckpoint
 from zetta_ray.checkpoint.policy import TrickleState, decide
-from zetta_ray.errors import ZettaError
+from zetta_ray.errors import DurableCheckpointError
 
 __all__ = ["DENSE_PART", "DurableCheckpointError", "DurableCheckpointer", "unit_part"]
 
@@ -147,7 +147,3 @@ def _first_ok(refs: list[ray.ObjectRef], deadline_s: float, *, what: str) -> Sna
         f"no replica of {what} could be read for the durable checkpoint ({len(refs)} tried: {errors}); "
         "the MemoryPools that held it died. The next durable checkpoint is made from newer snapshots."
     )
-
-
-class DurableCheckpointError(ZettaError):
-    """A durable checkpoint could not be assembled (its parts were lost); earlier ones are intact."""

@@ -35,7 +35,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from zetta_ray.actors.memory_pool import MemoryPoolActor, PoolFullError, SnapshotNotHeldError
+from zetta_ray.actors.memory_pool import MemoryPoolActor
 from zetta_ray.actors.staging import slot_name, unlink_slots
 from zetta_ray.checkpoint import TrickleCheckpoint
 from zetta_ray.control.durable import DurableCheckpointer
@@ -44,7 +44,14 @@ from zetta_ray.control.recovery import RecoveryAction, Replica, Spare, decide_re
 from zetta_ray.control.replay import ReplayLog
 from zetta_ray.control.replicas import decide_replica_nodes
 from zetta_ray.control.rounds import SnapshotRound, plan_commit
-from zetta_ray.errors import UnitFailed, UnitFault, ZettaError
+from zetta_ray.errors import (
+    PoolFullError,
+    RecoveryFailed,
+    SnapshotNotHeldError,
+    UnitFailed,
+    UnitFault,
+    ZettaError,
+)
 from zetta_ray.runtime.engine import by_value
 
 __all__ = ["FaultManager", "RecoveryEvent", "RecoveryFailed"]
@@ -53,10 +60,6 @@ logger = logging.getLogger(__name__)
 
 _MAX_ATTEMPTS = 5  # recoveries of one unit within one wait before giving up
 _PROBE_TIMEOUT_S = 2.0  # a raylet that does not accept a connection in this long is taken for dead
-
-
-class RecoveryFailed(ZettaError):
-    """A unit failed and could not be recovered; the message says why and what is intact."""
 
 
 @dataclass(frozen=True, slots=True)

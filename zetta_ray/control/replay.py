@@ -38,15 +38,11 @@ from typing import Any
 
 import numpy as np
 
-from zetta_ray.errors import ZettaError
+from zetta_ray.errors import ReplayUnavailableError
 
 __all__ = ["LoggedCall", "ReplayLog", "ReplayUnavailableError"]
 
 SaveKey = tuple[int, int, int]  # (step, layer, micro-batch)
-
-
-class ReplayUnavailableError(ZettaError, LookupError):
-    """The calls needed to bring a snapshot forward were already committed (dropped)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from zetta_ray.errors import ConfigError, ZettaError
+from zetta_ray.errors import ConfigError, InfeasiblePlacementError, PlacementError
 from zetta_ray.placement.cost import TOKENS, StepCost, Workload, step_cost
 from zetta_ray.placement.topology import Tier, Topology
 
@@ -37,15 +37,6 @@ __all__ = [
     "PlacerConfig",
     "check_placement",
 ]
-
-
-class PlacementError(ZettaError):
-    """A placement breaks one of the placement rules. The message names the rule and the values."""
-
-
-class InfeasiblePlacementError(PlacementError, ValueError):
-    """No placement of this workload on this machine can obey the rules; the message says what is
-    missing (memory, units of a kind, pools outside a failure domain) and how to fix it."""
 
 
 def gib(n: float) -> str:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from zetta_ray.errors import ConfigError
+from zetta_ray.errors import DoesNotFitError, SpecError
 from zetta_ray.sim.calibration import CALIBRATED, Efficiency
 from zetta_ray.sim.failures import FailureSpec
 from zetta_ray.sim.hardware import Hardware, TierFigures, UnitFigures, preset, with_core_taper
@@ -58,14 +58,6 @@ _FAILURE_KEYS = {
     "snapshot_every",
 }  # fmt: skip
 _TOP_KEYS = {"name", "model", "hardware", "parallel", "search", "failures"}
-
-
-class SpecError(ConfigError):
-    """The spec file is malformed: an unknown key, a wrong type, or a table in the wrong place."""
-
-
-class DoesNotFitError(ConfigError):
-    """The model, with this mesh, needs more memory per unit than the unit has."""
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
