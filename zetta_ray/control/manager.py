@@ -206,8 +206,7 @@ class FaultManager:
     def attach(self, runtime: Any) -> None:
         runtime.journal = self.log
         runtime.supervisor = self
-        if getattr(runtime, "_arena", None) is not None:
-            self._stage_node = runtime._node
+        self._stage_node = runtime.node
 
     # -- trickle checkpointing --------------------------------------------------------------------------
 

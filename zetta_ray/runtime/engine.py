@@ -32,7 +32,7 @@ from zetta_ray.actors.wire import from_wire, to_wire
 from zetta_ray.config import RuntimeConfig
 from zetta_ray.errors import ConfigError, DeadlineExceeded, UnitFailed, UnitFault
 
-__all__ = ["ExpertRuntime", "Layout", "Ticket", "by_value"]
+__all__ = ["Call", "ExpertRuntime", "Layout", "Ticket", "by_value"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +93,7 @@ def _take(t: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
     return torch.cat([t[lo:hi] for lo, hi in segments])
 
 
-def _scatter(outs: list[Any], calls: list[_Call], like: torch.Tensor, writable: bool = True) -> torch.Tensor:
+def _scatter(outs: list[Any], calls: list[Call], like: torch.Tensor, writable: bool = True) -> torch.Tensor:
     """Put each call's output rows back at its segments.
 
     Unless ``writable``: when one call carried every row in order, its output is returned as it came,
@@ -120,7 +120,14 @@ def by_value(args: tuple[Any, ...], timeout_s: float) -> tuple[Any, ...]:
 
 
 @dataclass(slots=True)
-class _Call:
+class Call:
+    """One remote call the runtime sent and may still wait for.
+
+    The supervisor (``zetta_ray.control``) gets the calls of a failed wait: for a replaced unit it points
+    ``ref`` at the replayed call's result (when ``logged``, the journal's record, was replayed) or asks
+    the runtime to ``resend`` it. ``experts``, ``step`` and ``phase`` name the call in faults.
+    """
+
     ref: ray.ObjectRef
     unit: int
     experts: list[tuple[int, int]]
@@ -132,7 +139,7 @@ class _Call:
     logged: Any = None  # the journal's record of this call, when it changes the unit's state
 
 
-def _unanswered(calls: list[_Call]) -> list[_Call]:
+def _unanswered(calls: list[Call]) -> list[Call]:
     """The calls of ``calls`` whose result has not arrived, in their order."""
     _, waiting = ray.wait([c.ref for c in calls], num_returns=len(calls), timeout=0)
     waiting_refs = set(waiting)
@@ -155,7 +162,7 @@ class Ticket:
     """What backward needs to find a forward again: its key and which units ran which rows."""
 
     key: tuple[int, int, int]  # (step, layer, micro-batch)
-    calls: list[_Call] = field(default_factory=list)
+    calls: list[Call] = field(default_factory=list)
     input_grad: bool = True  # False: backward returns no input gradients
 
 
@@ -182,7 +189,7 @@ class ExpertRuntime:
         self.journal: Any = None
         self.supervisor: Any = None
         self._micro_batch: dict[int, itertools.count] = {}
-        self._pending: list[_Call] = []
+        self._pending: list[Call] = []
         self._grad_epoch = 0
         self._arena: SharedArena | None = None  # shared memory for units on this node
         self._node = ""
@@ -368,6 +375,22 @@ class ExpertRuntime:
         self._gather(calls)
 
     @property
+    def node(self) -> str | None:
+        """The controller's node id when units on it share memory with it (``RuntimeConfig.shared_memory``),
+        else None. Snapshot slots (``actors/staging.py``) exist only for units on this node."""
+        return self._node if self._arena is not None else None
+
+    @property
+    def arena(self) -> SharedArena | None:
+        """The shared-memory arena the controller writes rows into for units on its node, or None."""
+        return self._arena
+
+    def is_local(self, u: int) -> bool:
+        """Whether unit ``u`` runs on the controller's node, as far as its ping has answered yet (never
+        waits); such a unit receives its rows through shared memory."""
+        return self._is_local(u)
+
+    @property
     def grad_epoch(self) -> int:
         """How many ``zero_grad`` the controller has issued (units zero their gradients lazily)."""
         return self._grad_epoch
@@ -416,7 +439,7 @@ class ExpertRuntime:
     def _combine(
         self,
         outs: list[Any],
-        calls: list[_Call],
+        calls: list[Call],
         like: torch.Tensor,
         shared: SharedRows | None,
         writable: bool = True,
@@ -437,7 +460,7 @@ class ExpertRuntime:
 
     # -- waiting --------------------------------------------------------------------------------------
 
-    def _each(self, method: str, phase: str, *args: Any) -> list[_Call]:
+    def _each(self, method: str, phase: str, *args: Any) -> list[Call]:
         return [
             self._submit(u, method, args, phase, self.layout.experts_of(u)) for u in range(len(self.units))
         ]
@@ -457,16 +480,16 @@ class ExpertRuntime:
         experts: list[tuple[int, int]],
         segments: list[tuple[int, int]] | None = None,
         journaled: bool = True,
-    ) -> _Call:
+    ) -> Call:
         """Send one call; journal it first when it changes the unit's state (``journaled=False``: a
         forward that keeps nothing, e.g. evaluation under ``torch.no_grad()``)."""
         logged = None
         if journaled and self.journal is not None and method in _JOURNALED:
             logged = self.journal.record(u, method, self.step, args)
         ref = self._send(u, method, args)
-        return _Call(ref, u, experts, self.step, phase, segments or [], method, args, logged)
+        return Call(ref, u, experts, self.step, phase, segments or [], method, args, logged)
 
-    def resend(self, call: _Call) -> None:
+    def resend(self, call: Call) -> None:
         """Send ``call`` again to its unit's current actor (after a replacement)."""
         call.ref = self._send(call.unit, call.method, by_value(call.args, self.cfg.deadline_s))
 
@@ -478,7 +501,7 @@ class ExpertRuntime:
             return getattr(unit, method).remote(*args)
         return getattr(unit, f"{method}_call").remote(args[at], args[:at] + args[at + 1 :])
 
-    def _gather(self, calls: list[_Call], deadline_s: float | None = None) -> list[Any]:
+    def _gather(self, calls: list[Call], deadline_s: float | None = None) -> list[Any]:
         """Wait for ``calls`` (and any fire-and-forget calls still pending) within the deadline.
 
         Raises ``DeadlineExceeded`` naming the first late call, or ``UnitFailed`` for a call whose actor
@@ -498,7 +521,7 @@ class ExpertRuntime:
                     raise
                 self.supervisor.recover(self, fault, everything)  # replaces the unit, or raises
 
-    def _wait(self, everything: list[_Call], deadline_s: float) -> list[Any]:
+    def _wait(self, everything: list[Call], deadline_s: float) -> list[Any]:
         refs = [c.ref for c in everything]
         end = time.monotonic() + deadline_s
         probe = self.supervisor is not None
@@ -531,7 +554,7 @@ class ExpertRuntime:
                     ) from e
             raise  # unreachable in practice: some call must have failed
 
-    def _raise_if_node_lost(self, everything: list[_Call]) -> None:
+    def _raise_if_node_lost(self, everything: list[Call]) -> None:
         """``UnitFailed`` for the first unanswered call of a unit whose node the supervisor finds dead."""
         pending = _unanswered(everything)
         lost = set(self.supervisor.lost_units(sorted({c.unit for c in pending})))
