@@ -76,9 +76,9 @@ def test_step_drops_activations_of_finished_steps_and_no_grad_keeps_none():
     unit.set_optimizer(torch.optim.SGD, {"lr": 0.1})
     unit.forward((0, 0, 0), [2], [2], torch.randn(2, 4).numpy(), keep=True)
     unit.forward((0, 0, 1), [2], [2], torch.randn(2, 4).numpy(), keep=False)
-    assert len(unit._saved) == 1
+    assert len(unit.saved_keys) == 1
     unit.step(0)
-    assert len(unit._saved) == 0
+    assert len(unit.saved_keys) == 0
 
 
 def test_load_state_dict_rejects_mismatched_keys():

@@ -135,7 +135,7 @@ def test_a_unit_that_cannot_make_a_slot_returns_the_snapshot_itself(prefix, monk
     unit, pool = _unit(), MemoryPool(1 << 30, "pool-test")
     _train_step(unit, 0)
     blob = unit.stage_snapshot(1, slot_name(prefix, 0, 0, "full", 0))
-    assert not isinstance(blob, staging.StagedSnapshot) and unit._slots is None
+    assert not isinstance(blob, staging.StagedSnapshot) and not unit.stages_in_shared_memory
     pool.put(0, 1, blob)
     assert pool.stats()["slots"] == 0
     monkeypatch.undo()  # later snapshots do not try again
@@ -172,7 +172,7 @@ def test_a_unit_whose_arrays_all_travel_inline_still_stages(prefix):
     unit.set_optimizer(torch.optim.AdamW, {"lr": 0.01})
     full = [slot_name(prefix, 0, 0, "full", 0)]
     unit.reserve_slots([], full)
-    assert unit._slots is not None and os.path.exists(os.path.join(SHM_DIR, full[0]))
+    assert unit.stages_in_shared_memory and os.path.exists(os.path.join(SHM_DIR, full[0]))
     pool = MemoryPool(1 << 20, "pool-test")
     pool.put(0, 0, unit.stage_snapshot(0, full[0]))
     assert pool.stats()["slots"] == 1

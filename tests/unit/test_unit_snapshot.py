@@ -123,7 +123,7 @@ def test_restore_into_a_unit_with_an_optimizer_and_pending_activations_rolls_it_
     _train(unit, range(1, 3))
     unit.forward((3, 0, 0), [1], [2], torch.randn(2, D).numpy(), keep=True, grad_epoch=4)
     assert unit.restore(blob) == 1
-    assert unit._saved == {} and unit.steps_applied == 1
+    assert unit.saved_keys == [] and unit.steps_applied == 1
     assert all(p.grad is None for m in unit.experts.values() for p in m.parameters())
     for i, state in expected["state"].items():
         assert torch.equal(unit.optimizer.state_dict()["state"][i]["exp_avg"], state["exp_avg"])

@@ -51,7 +51,7 @@ class ComputeUnit:
         self._saved: dict[SaveKey, tuple[torch.Tensor, torch.Tensor]] = {}
         self._delays: dict[str, list[float]] = {}
         self.calls: Counter[str] = Counter()  # calls served, by phase
-        self._grad_epoch = 0  # how many zero_grad() the controller has issued that we have applied
+        self.grad_epoch = 0  # how many zero_grad() the controller has issued that we have applied
         self.rng_at_step: torch.Tensor | None = None  # torch's RNG state after the last optimizer step
         self._slots: SlotWriter | None = SlotWriter()  # shared-memory slots for snapshots (to a pool here)
 
@@ -183,6 +183,23 @@ class ComputeUnit:
             raise RuntimeError(f"unit {self.unit_id}: load_optimizer_state_dict before set_optimizer")
         self.optimizer.load_state_dict(tree_from_wire(state))
 
+    # -- what the unit holds ------------------------------------------------------------------------
+
+    @property
+    def saved_keys(self) -> list[SaveKey]:
+        """The (step, layer, micro-batch) keys of forwards whose activations are kept for backward."""
+        return list(self._saved)
+
+    def drop_activations(self) -> None:
+        """Forget every kept activation (a restore does: the unfinished step is replayed from its start)."""
+        self._saved.clear()
+
+    @property
+    def stages_in_shared_memory(self) -> bool:
+        """Whether snapshots are staged in shared-memory slots; False once a slot could not be made
+        (``/dev/shm`` missing or full), after which they go through Ray's object store."""
+        return self._slots is not None
+
     # -- control ------------------------------------------------------------------------------------
 
     def ping(self) -> dict[str, Any]:
@@ -204,8 +221,8 @@ class ComputeUnit:
         ``zero_grad`` only bumps ``grad_epoch``, saving a remote call per unit per step); sleep first if
         a delay was injected for this phase."""
         self.calls[phase] += 1
-        if grad_epoch > self._grad_epoch:
-            self._grad_epoch = grad_epoch
+        if grad_epoch > self.grad_epoch:
+            self.grad_epoch = grad_epoch
             self.zero_grad()
         pending = self._delays.get(phase)
         if pending:

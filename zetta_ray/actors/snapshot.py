@@ -36,21 +36,54 @@ without changing it, as ``torch.optim``'s do; the fault manager takes a full sna
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
 from zetta_ray.actors.wire import to_wire, tree_from_wire, tree_to_wire
 from zetta_ray.checkpoint import GRADIENT_RECORD, Snapshot
 
-if TYPE_CHECKING:
-    from zetta_ray.actors.compute_unit import ComputeUnit
-
-__all__ = ["restore_unit", "unit_gradients", "unit_snapshot"]
+__all__ = ["UnitState", "restore_unit", "unit_gradients", "unit_snapshot"]
 
 
-def unit_snapshot(unit: ComputeUnit, step: int, *, copy: bool = True) -> Snapshot:
+class UnitState(Protocol):
+    """What a snapshot reads from a unit and a restore sets; ``compute_unit.ComputeUnit`` is one. This
+    seam is why this module needs nothing of ``compute_unit`` (which imports it, never the reverse).
+
+    Attributes:
+        unit_id: the unit's index, named in errors and in the snapshot's ``mesh``.
+        experts: the hosted experts by ``(layer, expert)``; their parameters are what the optimizer steps.
+        optimizer: the unit's optimizer, None before ``set_optimizer``; a restore may build one.
+        steps_applied: optimizer steps the unit has applied.
+        grad_epoch: the controller's ``zero_grad`` count the unit has applied (it zeroes its gradients
+            when a call carries a newer one).
+        rng_at_step: torch's RNG state right after the last optimizer step, None before the first.
+    """
+
+    unit_id: int
+    experts: dict[tuple[int, int], nn.Module]
+    optimizer: torch.optim.Optimizer | None
+    steps_applied: int
+    grad_epoch: int
+    rng_at_step: torch.Tensor | None
+
+    def state_dict(self, copy: bool = True) -> dict[str, np.ndarray]: ...
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None: ...
+
+    def optimizer_state_dict(self, copy: bool = True) -> dict[str, Any]: ...
+
+    def load_optimizer_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def zero_grad(self) -> None: ...
+
+    def drop_activations(self) -> None:
+        """Forget every activation kept for a backward that has not run."""
+
+
+def unit_snapshot(unit: UnitState, step: int, *, copy: bool = True) -> Snapshot:
     """The state of ``unit`` after ``step`` completed optimizer steps.
 
     With ``copy`` (the default) the arrays are copies and the unit may go on. ``copy=False`` gives
@@ -68,13 +101,13 @@ def unit_snapshot(unit: ComputeUnit, step: int, *, copy: bool = True) -> Snapsho
         mesh={"unit": unit.unit_id, "experts": [list(k) for k in sorted(unit.experts)]},
         extra={
             "steps_applied": unit.steps_applied,
-            "grad_epoch": unit._grad_epoch,
+            "grad_epoch": unit.grad_epoch,
             "optimizer_class": type(optimizer).__name__ if optimizer is not None else None,
         },
     )
 
 
-def unit_gradients(unit: ComputeUnit, step: int, *, copy: bool = True) -> Snapshot:
+def unit_gradients(unit: UnitState, step: int, *, copy: bool = True) -> Snapshot:
     """The gradient record of ``unit``'s optimizer step ``step`` (see the module docstring): taken, like a
     snapshot, after that step and before the gradients are zeroed. ``copy=False`` gives views of the
     live gradients (see ``unit_snapshot``)."""
@@ -97,20 +130,20 @@ def unit_gradients(unit: ComputeUnit, step: int, *, copy: bool = True) -> Snapsh
         extra={
             "kind": GRADIENT_RECORD,
             "steps_applied": unit.steps_applied,
-            "grad_epoch": unit._grad_epoch,
+            "grad_epoch": unit.grad_epoch,
             "optimizer_class": type(optimizer).__name__,
         },
     )
 
 
-def _rng_at_step(unit: ComputeUnit) -> torch.Tensor:
+def _rng_at_step(unit: UnitState) -> torch.Tensor:
     """The RNG state as of the unit's last optimizer step: a snapshot taken later in a step (after a
     replacement's replayed forwards) must not include what those forwards drew, since a restore replays
     them again."""
     return unit.rng_at_step if unit.rng_at_step is not None else torch.get_rng_state()
 
 
-def restore_unit(unit: ComputeUnit, snapshot: Snapshot) -> int:
+def restore_unit(unit: UnitState, snapshot: Snapshot) -> int:
     """Load ``snapshot`` into ``unit`` (a fresh one, or one to roll back); return the snapshot's step.
 
     Parameters are copied in place, so an optimizer built on them stays valid. If the unit has no
@@ -139,7 +172,7 @@ def restore_unit(unit: ComputeUnit, snapshot: Snapshot) -> int:
     return snapshot.step
 
 
-def _redo_step(unit: ComputeUnit, record: Snapshot) -> int:
+def _redo_step(unit: UnitState, record: Snapshot) -> int:
     """Apply the optimizer step that ``record`` recorded: its gradients, with its hyperparameters."""
     if unit.optimizer is None:
         raise RuntimeError(
@@ -170,19 +203,19 @@ def _redo_step(unit: ComputeUnit, record: Snapshot) -> int:
     return record.step
 
 
-def _set_counters(unit: ComputeUnit, snapshot: Snapshot) -> None:
+def _set_counters(unit: UnitState, snapshot: Snapshot) -> None:
     """RNG state, step count and gradient epoch as ``snapshot`` recorded them; no activations, no
     gradients (calls of the unfinished step are replayed from its start)."""
     rng = torch.from_numpy(np.ascontiguousarray(snapshot.rng["torch"], dtype=np.uint8)).clone()
     torch.set_rng_state(rng)
     unit.rng_at_step = rng
     unit.steps_applied = int(snapshot.extra["steps_applied"])
-    unit._grad_epoch = int(snapshot.extra["grad_epoch"])
-    unit._saved.clear()
+    unit.grad_epoch = int(snapshot.extra["grad_epoch"])
+    unit.drop_activations()
     unit.zero_grad()
 
 
-def _check_experts(unit: ComputeUnit, snapshot: Snapshot) -> None:
+def _check_experts(unit: UnitState, snapshot: Snapshot) -> None:
     experts = [tuple(k) for k in snapshot.mesh.get("experts", [])]
     if experts and experts != sorted(unit.experts):
         raise ValueError(
@@ -192,7 +225,7 @@ def _check_experts(unit: ComputeUnit, snapshot: Snapshot) -> None:
         )
 
 
-def _build_optimizer(unit: ComputeUnit, name: Any) -> torch.optim.Optimizer:
+def _build_optimizer(unit: UnitState, name: Any) -> torch.optim.Optimizer:
     cls = getattr(torch.optim, name, None) if isinstance(name, str) else None
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise ValueError(
@@ -203,7 +236,7 @@ def _build_optimizer(unit: ComputeUnit, name: Any) -> torch.optim.Optimizer:
     return cls(params)
 
 
-def _check_optimizer_class(unit: ComputeUnit, name: Any) -> None:
+def _check_optimizer_class(unit: UnitState, name: Any) -> None:
     have = type(unit.optimizer).__name__
     if name is not None and name != have:
         raise ValueError(
