@@ -1,16 +1,20 @@
 """The asynchronous dataflow engine between the controller and its ComputeUnit actors.
 
 Every remote call is submitted at once and returns an ObjectRef; the engine waits only when a value is
-needed (the combine needs expert outputs; autograd needs input gradients), and every wait has a deadline.
-Calls whose results nobody needs (the experts' optimizer step) are fire-and-forget: Ray runs one
-caller's calls to one actor in submission order, so the next forward on a unit runs after its step, and
-the engine checks those calls for errors at its next wait. ``zero_grad`` sends nothing: it bumps a
-gradient epoch that every later call carries, and a unit zeroes its gradients when it sees a new one.
+needed (the combine needs expert outputs; autograd needs input gradients), and every wait has a deadline
+(``calls.wait_for``). Calls whose results nobody needs (the experts' optimizer step) are fire-and-forget:
+Ray runs one caller's calls to one actor in submission order, so the next forward on a unit runs after
+its step, and the engine checks those calls for errors at its next wait. ``zero_grad`` sends nothing:
+it bumps a gradient epoch that every later call carries, and a unit zeroes its gradients when it sees a
+new one.
 
 Rows travel as numpy arrays through Ray's object store, except to units on the controller's own node:
 those read a layer's rows from a shared-memory region the controller wrote once, and write their
-outputs into another in place (``actors/shm.py``); the calls then carry only descriptors.
+outputs into another in place (``transport.RowTransport``, ``actors/shm.py``); the calls then carry
+only descriptors.
 
+Touches Ray: starts the unit actors, sends every call, kills the actors at ``close``. ``Call``,
+``Ticket``, ``by_value`` (``calls``) and ``Layout`` (``layout``) are importable from here too.
 Shape legend: N = rows grouped by expert, D = model dim, E = experts of one layer
 """
 
@@ -18,8 +22,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -27,143 +29,23 @@ import torch
 from torch import nn
 
 from zetta_ray.actors.compute_unit import ComputeUnitActor
-from zetta_ray.actors.shm import SharedArena, SharedRows, portable
-from zetta_ray.actors.wire import from_wire, to_wire
+from zetta_ray.actors.shm import SharedArena
+from zetta_ray.actors.wire import to_wire
 from zetta_ray.config import RuntimeConfig
-from zetta_ray.errors import ConfigError, DeadlineExceeded, UnitFailed, UnitFault
+from zetta_ray.errors import UnitFault
+from zetta_ray.runtime.calls import Call, Ticket, by_value, wait_for
+from zetta_ray.runtime.layout import Layout
+from zetta_ray.runtime.transport import RowTransport, row_segments, take_rows
 
 __all__ = ["Call", "ExpertRuntime", "Layout", "Ticket", "by_value"]
-
-
-@dataclass(frozen=True, slots=True)
-class Layout:
-    """Which unit hosts each expert: ``unit_LE[layer][expert]``.
-
-    ``Layout.blocks`` gives unit ``u`` experts ``[u * k, (u + 1) * k)`` of every layer; a placer may give
-    any assignment (``Layout(n_units, unit_LE)``), e.g. more experts on faster units.
-    """
-
-    n_units: int
-    unit_LE: tuple[tuple[int, ...], ...]
-
-    def __post_init__(self) -> None:
-        for layer, units in enumerate(self.unit_LE):
-            bad = [u for u in units if not 0 <= u < self.n_units]
-            if bad:
-                raise ConfigError(
-                    f"layout of MoE layer {layer} names units {bad} outside 0..{self.n_units - 1}"
-                )
-
-    @classmethod
-    def blocks(cls, n_units: int, experts_per_layer: tuple[int, ...]) -> Layout:
-        for layer, n in enumerate(experts_per_layer):
-            if n % n_units:
-                raise ConfigError(
-                    f"expert degree ({n_units}) must divide the number of experts ({n}) of MoE layer "
-                    f"{layer}; choose a degree among the divisors of {n}"
-                )
-        return cls(n_units, tuple(tuple(e * n_units // n for e in range(n)) for n in experts_per_layer))
-
-    def unit_of(self, layer: int, expert: int) -> int:
-        return self.unit_LE[layer][expert]
-
-    def experts_of(self, unit: int) -> list[tuple[int, int]]:
-        return [(l, e) for l, units in enumerate(self.unit_LE) for e, u in enumerate(units) if u == unit]
-
-    def experts_in_layer(self, unit: int, layer: int) -> list[int]:
-        return [e for e, u in enumerate(self.unit_LE[layer]) if u == unit]
-
-
-def _segments(offsets: list[int], experts: list[int]) -> list[tuple[int, int]]:
-    """Row ranges of ``experts`` (ascending), adjacent ranges merged."""
-    out: list[tuple[int, int]] = []
-    for e in experts:
-        lo, hi = offsets[e], offsets[e + 1]
-        if out and out[-1][1] == lo:
-            out[-1] = (out[-1][0], hi)
-        else:
-            out.append((lo, hi))
-    return out
-
-
-def _take(t: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
-    """The rows of ``segments`` (a view when there is one segment)."""
-    if len(segments) == 1:
-        return t[segments[0][0] : segments[0][1]]
-    return torch.cat([t[lo:hi] for lo, hi in segments])
-
-
-def _scatter(outs: list[Any], calls: list[Call], like: torch.Tensor, writable: bool = True) -> torch.Tensor:
-    """Put each call's output rows back at its segments.
-
-    Unless ``writable``: when one call carried every row in order, its output is returned as it came,
-    read-only memory of the object store (expert outputs, which the MoE layer's combine and its backward
-    only read; never gradients, into which autograd may accumulate in place)."""
-    if not writable and len(calls) == 1 and calls[0].segments == [(0, like.shape[0])]:
-        return from_wire(outs[0])
-    out = torch.empty_like(like)  # every row belongs to exactly one call
-    for o, c in zip(outs, calls, strict=True):
-        rows, pos = from_wire(o), 0
-        for lo, hi in c.segments:
-            out[lo:hi] = rows[pos : pos + hi - lo]
-            pos += hi - lo
-    return out
-
-
-def by_value(args: tuple[Any, ...], timeout_s: float) -> tuple[Any, ...]:
-    """``args`` of a call for a replacement unit, carrying their rows themselves: rows in this node's
-    shared memory copied out (``portable``), rows in the object store fetched here (this process put
-    them, so they are local). Passing the first ObjectRef again would let Ray pull the rows from any
-    node that received them, including a node that has died but is not yet declared dead, and such a
-    pull waits for the cluster's verdict (about 15 s with Ray's default health checks)."""
-    return tuple(ray.get(a, timeout=timeout_s) if isinstance(a, ray.ObjectRef) else a for a in portable(args))
-
-
-@dataclass(slots=True)
-class Call:
-    """One remote call the runtime sent and may still wait for.
-
-    The supervisor (``zetta_ray.control``) gets the calls of a failed wait: for a replaced unit it points
-    ``ref`` at the replayed call's result (when ``logged``, the journal's record, was replayed) or asks
-    the runtime to ``resend`` it. ``experts``, ``step`` and ``phase`` name the call in faults.
-    """
-
-    ref: ray.ObjectRef
-    unit: int
-    experts: list[tuple[int, int]]
-    step: int
-    phase: str
-    segments: list[tuple[int, int]] = field(default_factory=list)  # row ranges this call carries
-    method: str = ""
-    args: tuple[Any, ...] = ()
-    logged: Any = None  # the journal's record of this call, when it changes the unit's state
-
-
-def _unanswered(calls: list[Call]) -> list[Call]:
-    """The calls of ``calls`` whose result has not arrived, in their order."""
-    _, waiting = ray.wait([c.ref for c in calls], num_returns=len(calls), timeout=0)
-    waiting_refs = set(waiting)
-    return [c for c in calls if c.ref in waiting_refs]
-
 
 # Where each of these methods takes its rows; the engine sends them as (rows, the other arguments in one
 # tuple) to ``ComputeUnit.<method>_call``, which saves Ray serializing each argument on its own.
 _ROWS_AT = {"forward": 3, "backward": 1}
 
-_PROBE_EVERY_S = 2.0  # while a wait lasts, how often the supervisor is asked for units on dead nodes
-
 _JOURNALED = frozenset(
     {"forward", "backward", "step", "set_optimizer", "load_state_dict", "load_optimizer_state_dict"}
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Ticket:
-    """What backward needs to find a forward again: its key and which units ran which rows."""
-
-    key: tuple[int, int, int]  # (step, layer, micro-batch)
-    calls: list[Call] = field(default_factory=list)
-    input_grad: bool = True  # False: backward returns no input gradients
 
 
 class ExpertRuntime:
@@ -174,9 +56,8 @@ class ExpertRuntime:
     order (``record(unit, method, step, args)``), and a ``supervisor`` that is told when a step ends
     (``after_step(runtime)``) and asked to repair a failed unit (``recover(runtime, fault, calls)``: it
     replaces ``runtime.units[u]`` and re-sends the unit's calls in ``calls``, or raises), and, every
-    ``_PROBE_EVERY_S`` of a wait that lasts, which of the awaited units sit on a dead node
-    (``lost_units(units)``): Ray fails a call to an actor whose node died only once the cluster
-    declares the node dead, which its default health checks take about 15 s to do.
+    ``calls.PROBE_EVERY_S`` of a wait that lasts, which of the awaited units sit on a dead node
+    (``lost_units(units)``; see ``calls.wait_for``).
     """
 
     def __init__(self, units: list[Any], layout: Layout, cfg: RuntimeConfig):
@@ -191,10 +72,7 @@ class ExpertRuntime:
         self._micro_batch: dict[int, itertools.count] = {}
         self._pending: list[Call] = []
         self._grad_epoch = 0
-        self._arena: SharedArena | None = None  # shared memory for units on this node
-        self._node = ""
-        self._local: dict[int, bool] = {}  # unit -> runs on this node (False until known)
-        self._probes: dict[int, ray.ObjectRef] = {}  # unit -> its pending ping, which names its node
+        self._transport = RowTransport(cfg.shared_memory_min_bytes)  # shared memory or object store
 
     @classmethod
     def launch(
@@ -211,10 +89,7 @@ class ExpertRuntime:
         """
         n = layout.n_units
         if unit_options is None:
-            num_cpus = cfg.unit_num_cpus
-            if num_cpus is None:
-                num_cpus = min(1.0, ray.cluster_resources().get("CPU", 1.0) / n)
-            unit_options = [{"num_cpus": num_cpus}] * n
+            unit_options = _default_options(cfg, n)
         runtime = cls([], layout, cfg)
         runtime.skeletons = [
             {(l, e): copy.deepcopy(experts_by_layer[l][e]).to("meta") for l, e in layout.experts_of(u)}
@@ -222,8 +97,7 @@ class ExpertRuntime:
         ]
         runtime.unit_options = list(unit_options)
         if cfg.shared_memory:
-            runtime._arena = SharedArena.create()
-            runtime._node = ray.get_runtime_context().get_node_id()
+            runtime._transport.open()
         runtime.units = [runtime.start_unit(u) for u in range(n)]
         try:
             runtime.load_state_dict(
@@ -244,9 +118,7 @@ class ExpertRuntime:
         """A new actor for unit ``u``, built as the original was (``overrides`` change where)."""
         options = {**self.unit_options[u], **overrides}
         unit = ComputeUnitActor.options(**options).remote(u, self.skeletons[u], self.cfg.threads_per_unit)
-        if self._arena is not None:  # until its ping says where it runs, it gets rows by object store
-            self._local[u] = False
-            self._probes[u] = unit.ping.remote()
+        self._transport.watch(u, unit)  # until its ping says where it runs, rows go by object store
         return unit
 
     # -- dataflow -----------------------------------------------------------------------------------
@@ -265,14 +137,14 @@ class ExpertRuntime:
         plan = [
             (u, experts) for u, experts in plan if experts
         ]  # a unit none of whose experts got a token: no call
-        shared_x, shared_y = self._shared_pair(x, [u for u, _ in plan], output=True)
+        shared = self._transport.share(x, [u for u, _ in plan], output=True)
         calls = []
         for u, experts in plan:
-            segments = _segments(offsets, experts)
-            if shared_x is not None and self._local[u]:
-                rows, out = shared_x.take(segments), shared_y.take(segments, output=True)
+            segments = row_segments(offsets, experts)
+            if shared is not None and u in shared.local:
+                rows, out = shared.rows.take(segments), shared.out.take(segments, output=True)
             else:
-                rows, out = self._rows(_take(x, segments), journaled=keep), None
+                rows, out = self._rows(take_rows(x, segments), journaled=keep), None
             args = (
                 key,
                 experts,
@@ -288,7 +160,7 @@ class ExpertRuntime:
                     u, "forward", args, "forward", [(layer, e) for e in experts], segments, journaled=keep
                 )
             )
-        y = self._combine(self._gather(calls), calls, x, shared_y, writable=False)
+        y = self._transport.combine(self._gather(calls), calls, x, shared, writable=False)
         return y, Ticket(key, calls, input_grad)
 
     def backward(self, ticket: Ticket, dy_ND: torch.Tensor) -> torch.Tensor | None:
@@ -299,18 +171,18 @@ class ExpertRuntime:
                 "call loss.backward() before opt.step()"
             )
         dy = dy_ND.detach()
-        shared_dy, shared_dx = self._shared_pair(dy, [c.unit for c in ticket.calls], output=ticket.input_grad)
+        shared = self._transport.share(dy, [c.unit for c in ticket.calls], output=ticket.input_grad)
         calls = []
         for c in ticket.calls:
-            if shared_dy is not None and self._local[c.unit]:
-                rows = shared_dy.take(c.segments)
-                out = shared_dx.take(c.segments, output=True) if shared_dx is not None else None
+            if shared is not None and c.unit in shared.local:
+                rows = shared.rows.take(c.segments)
+                out = shared.out.take(c.segments, output=True) if shared.out is not None else None
             else:
-                rows, out = self._rows(_take(dy, c.segments)), None
+                rows, out = self._rows(take_rows(dy, c.segments)), None
             args = (ticket.key, rows, self._grad_epoch, out)
             calls.append(self._submit(c.unit, "backward", args, "backward", c.experts, c.segments))
         outs = self._gather(calls)
-        return self._combine(outs, calls, dy, shared_dx) if ticket.input_grad else None
+        return self._transport.combine(outs, calls, dy, shared) if ticket.input_grad else None
 
     # -- optimizer ----------------------------------------------------------------------------------
 
@@ -378,17 +250,22 @@ class ExpertRuntime:
     def node(self) -> str | None:
         """The controller's node id when units on it share memory with it (``RuntimeConfig.shared_memory``),
         else None. Snapshot slots (``actors/staging.py``) exist only for units on this node."""
-        return self._node if self._arena is not None else None
+        return self._transport.node
 
     @property
     def arena(self) -> SharedArena | None:
         """The shared-memory arena the controller writes rows into for units on its node, or None."""
-        return self._arena
+        return self._transport.arena
 
     def is_local(self, u: int) -> bool:
         """Whether unit ``u`` runs on the controller's node, as far as its ping has answered yet (never
         waits); such a unit receives its rows through shared memory."""
-        return self._is_local(u)
+        return self._transport.is_local(u)
+
+    def treat_as_remote(self, units: list[int]) -> None:
+        """Send ``units`` their rows by object store as if they ran on another node, until replaced (a
+        testing hook: one node exercises a cluster's transport; ``RowTransport.treat_as_remote``)."""
+        self._transport.treat_as_remote(units)
 
     @property
     def grad_epoch(self) -> int:
@@ -403,60 +280,7 @@ class ExpertRuntime:
             ray.kill(unit, no_restart=True)
         self.units = []
         self._pending = []
-        if self._arena is not None:
-            self._arena.close()
-
-    # -- shared memory (actors/shm.py) ----------------------------------------------------------------
-
-    def _is_local(self, u: int) -> bool:
-        """Whether unit ``u`` runs on this node, as far as its ping has answered yet (never waits)."""
-        probe = self._probes.get(u)
-        if probe is not None:
-            ready, _ = ray.wait([probe], timeout=0)
-            if ready:
-                del self._probes[u]
-                try:
-                    self._local[u] = ray.get(probe, timeout=0)["node_id"] == self._node
-                except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
-                    self._local[u] = False  # dead already: the call itself will report it
-        return self._local.get(u, False)
-
-    def _shared_pair(
-        self, t: torch.Tensor, units: list[int], output: bool
-    ) -> tuple[SharedRows | None, SharedRows | None]:
-        """``t`` copied into shared memory, and (with ``output``) an empty region like it for the
-        results, when any of ``units`` runs on this node; else ``(None, None)``."""
-        if self._arena is None or t.numel() * t.element_size() < self.cfg.shared_memory_min_bytes:
-            return None, None
-        if not [u for u in units if self._is_local(u)]:
-            return None, None
-        shared_in = self._arena.share(t)
-        shared_out = self._arena.empty(tuple(t.shape), shared_in.dtype) if shared_in and output else None
-        if shared_in is None or (output and shared_out is None):
-            return None, None
-        return shared_in, shared_out
-
-    def _combine(
-        self,
-        outs: list[Any],
-        calls: list[Call],
-        like: torch.Tensor,
-        shared: SharedRows | None,
-        writable: bool = True,
-    ) -> torch.Tensor:
-        """The calls' output rows in row order. Units on this node wrote theirs into ``shared`` already;
-        the rows that others returned are copied in."""
-        if shared is None:
-            return _scatter(outs, calls, like, writable)
-        out = shared.tensor()
-        for o, c in zip(outs, calls, strict=True):
-            if isinstance(o, SharedRows):
-                continue
-            rows, pos = from_wire(o), 0
-            for lo, hi in c.segments:
-                out[lo:hi] = rows[pos : pos + hi - lo]
-                pos += hi - lo
-        return out
+        self._transport.close()
 
     # -- waiting --------------------------------------------------------------------------------------
 
@@ -514,51 +338,19 @@ class ExpertRuntime:
             return []
         while True:
             try:
-                results = self._wait(everything, deadline_s)
+                lost = self.supervisor.lost_units if self.supervisor is not None else None
+                results = wait_for(everything, deadline_s, lost)
                 return results[len(everything) - len(calls) :]
             except UnitFault as fault:
                 if self.supervisor is None:
                     raise
                 self.supervisor.recover(self, fault, everything)  # replaces the unit, or raises
 
-    def _wait(self, everything: list[Call], deadline_s: float) -> list[Any]:
-        refs = [c.ref for c in everything]
-        end = time.monotonic() + deadline_s
-        probe = self.supervisor is not None
-        try:
-            while True:  # the fast path: one round trip to Ray's core worker
-                left = end - time.monotonic()
-                try:
-                    return ray.get(refs, timeout=max(0.0, min(left, _PROBE_EVERY_S) if probe else left))
-                except ray.exceptions.GetTimeoutError:
-                    if not probe or time.monotonic() >= end:
-                        raise
-                    self._raise_if_node_lost(everything)
-        except ray.exceptions.GetTimeoutError:
-            c = _unanswered(everything)[0]
-            raise DeadlineExceeded(
-                unit=c.unit, experts=c.experts, step=c.step, phase=c.phase, deadline_s=deadline_s
-            ) from None
-        except ray.exceptions.RayError:
-            for c in everything:  # find the call that failed, to name it
-                try:
-                    ray.get(c.ref, timeout=deadline_s)
-                except ray.exceptions.GetTimeoutError:
-                    raise DeadlineExceeded(
-                        unit=c.unit, experts=c.experts, step=c.step, phase=c.phase, deadline_s=deadline_s
-                    ) from None
-                except ray.exceptions.RayError as e:
-                    cause = getattr(e, "cause", None) or e
-                    raise UnitFailed(
-                        unit=c.unit, experts=c.experts, step=c.step, phase=c.phase, cause=cause
-                    ) from e
-            raise  # unreachable in practice: some call must have failed
 
-    def _raise_if_node_lost(self, everything: list[Call]) -> None:
-        """``UnitFailed`` for the first unanswered call of a unit whose node the supervisor finds dead."""
-        pending = _unanswered(everything)
-        lost = set(self.supervisor.lost_units(sorted({c.unit for c in pending})))
-        for c in pending:
-            if c.unit in lost:
-                cause = RuntimeError(f"the node of unit {c.unit} is dead: its raylet refuses connections")
-                raise UnitFailed(unit=c.unit, experts=c.experts, step=c.step, phase=c.phase, cause=cause)
+def _default_options(cfg: RuntimeConfig, n: int) -> list[dict[str, Any]]:
+    """Ray actor options of ``n`` units: ``cfg.unit_num_cpus`` each, or the cluster's CPUs shared evenly
+    (at most one per unit)."""
+    num_cpus = cfg.unit_num_cpus
+    if num_cpus is None:
+        num_cpus = min(1.0, ray.cluster_resources().get("CPU", 1.0) / n)
+    return [{"num_cpus": num_cpus}] * n
