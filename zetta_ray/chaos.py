@@ -10,9 +10,10 @@ optimizer step of every step (``zetta_ray.trainer.train(chaos=...)`` does this; 
         _, loss = dmodel(x, y); monkey(dmodel, step, "backward")
         loss.backward(); opt.step(); monkey(dmodel, step, "optimizer")
 
-Faults are injected for real. An actor is killed through Ray (``ray.kill``). A node is killed by the
-``kill_node`` callable you give, called with the node id of the unit ``Kill.index`` runs on now; two
-are here:
+Faults are injected for real. An actor is killed through Ray (``ray.kill``): unit ``Kill.index`` of
+``dmodel.units`` (its actor from ``dmodel.unit_handle``), or a live pool of ``dmodel.pool_handles()``.
+A node is killed by the ``kill_node`` callable you give, called with the node id of the unit
+``Kill.index`` runs on now; two are here:
 
 - ``RayletKiller()``: on any cluster. A task pinned to the node (``NodeAffinitySchedulingStrategy``,
   ``soft=False``) checks that its worker's parent process is the node's raylet and SIGKILLs it: every
@@ -36,7 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.cluster_utils import Cluster
@@ -44,6 +45,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from zetta_ray.control.manager import raylet_answers
 from zetta_ray.errors import ConfigError, ZettaError
+
+if TYPE_CHECKING:
+    from zetta_ray.api.distributed import DistributedModule
 
 __all__ = [
     "FAST_HEALTH_CHECKS",
@@ -141,7 +145,7 @@ class Chaos:
         self.injected: list[dict[str, Any]] = []
         self.injected_at: list[float] = []
 
-    def __call__(self, dmodel: Any, step: int, phase: str) -> None:
+    def __call__(self, dmodel: DistributedModule, step: int, phase: str) -> None:
         due = [k for k in self.kills if (k.step, k.phase) == (step, phase)]
         if self.rate and self._rng.random() < self.rate:
             kill = self._random_kill(dmodel, step, phase)
@@ -153,31 +157,31 @@ class Chaos:
             self.injected_at.append(done.pop("killed_at", at))
             self.injected.append({"target": kill.target, "step": step, "phase": phase, **done})
 
-    def _random_kill(self, dmodel: Any, step: int, phase: str) -> Kill | None:
+    def _random_kill(self, dmodel: DistributedModule, step: int, phase: str) -> Kill | None:
         target = self._rng.choice(self.targets)
         if target == "pool":
-            choices = list(range(len(_live_pools(dmodel))))
+            choices = list(range(len(dmodel.pool_handles())))
         elif target == "node":
             driver = _driver_node()
-            choices = [u for u in range(len(dmodel._runtime.units)) if node_of_unit(dmodel, u) != driver]
+            choices = [u.index for u in dmodel.units if u.node_id != driver]
         else:
-            choices = list(range(len(dmodel._runtime.units)))
+            choices = list(range(len(dmodel.units)))
         if not choices:
             return None  # no pool left, or every unit shares the driver's node
         return Kill(target=target, step=step, phase=phase, index=self._rng.choice(choices))
 
-    def _kill(self, dmodel: Any, kill: Kill) -> dict[str, Any]:
-        units = len(dmodel._runtime.units)
+    def _kill(self, dmodel: DistributedModule, kill: Kill) -> dict[str, Any]:
+        units = len(dmodel.units)
         if kill.target in ("unit", "node") and kill.index >= units:
             raise ConfigError(
                 f"Kill(target={kill.target!r}, index={kill.index}): there are {units} compute units; "
                 f"use an index in 0..{units - 1}"
             )
         if kill.target == "unit":
-            ray.kill(dmodel._runtime.units[kill.index], no_restart=True)
+            ray.kill(dmodel.unit_handle(kill.index), no_restart=True)
             return {"unit": kill.index}
         if kill.target == "pool":
-            pools = _live_pools(dmodel)
+            pools = list(dmodel.pool_handles().items())
             if not pools:
                 raise ConfigError("no MemoryPool to kill: checkpointing is off (checkpoint=False)")
             name, handle = pools[kill.index % len(pools)]
@@ -185,7 +189,7 @@ class Chaos:
             return {"pool": name}
         node = node_of_unit(dmodel, kill.index)
         if node == _driver_node():
-            others = sorted({u for u in range(units) if node_of_unit(dmodel, u) != node})
+            others = sorted({u.index for u in dmodel.units if u.node_id != node})
             raise ConfigError(
                 f"Kill(target='node', index={kill.index}): unit {kill.index} runs on node {node}, the "
                 "driver's own node; killing it would kill this controller, not test recovery. Pick the "
@@ -195,16 +199,9 @@ class Chaos:
         return {"node": node, "unit": kill.index, **(done if isinstance(done, dict) else {})}
 
 
-def node_of_unit(dmodel: Any, unit: int) -> str:
+def node_of_unit(dmodel: DistributedModule, unit: int) -> str:
     """The node compute unit ``unit`` runs on now (after a recovery: its replacement's node)."""
-    return next(p["node_id"] for p in dmodel.placement.values() if p["unit"] == unit)
-
-
-def _live_pools(dmodel: Any) -> list[tuple[str, Any]]:
-    faults = dmodel._faults
-    if faults is None:
-        return []
-    return [(p, h) for p, h in sorted(faults.pools.items()) if p not in faults.dead_pools]
+    return dmodel.units[unit].node_id
 
 
 def _driver_node() -> str:

@@ -99,16 +99,16 @@ def test_matches_single_process_pytorch(degree, capacity_factor):
 
 
 def _uses_shared_memory(dmodel) -> None:
-    runtime = dmodel._runtime
+    runtime = dmodel.runtime
     runtime.ping()  # every unit has answered, so every probe of its node can be read
-    assert all(runtime._is_local(u) for u in range(len(runtime.units)))
-    assert runtime._arena.regions == 0  # nothing sent yet; the test checks that training sends some
+    assert all(runtime.is_local(u) for u in range(len(runtime.units)))
+    assert runtime.arena.regions == 0  # nothing sent yet; the test checks that training sends some
 
 
 def _two_units_elsewhere(dmodel) -> None:
     """Units 0 and 1 get rows through the object store as if they ran on another node."""
     _uses_shared_memory(dmodel)
-    dmodel._runtime._local.update({0: False, 1: False})
+    dmodel.runtime.treat_as_remote([0, 1])
 
 
 @pytest.mark.parametrize(
@@ -125,13 +125,13 @@ def test_every_transport_trains_bit_for_bit_like_pytorch(transport):
         "shared_memory": {"check_module": _uses_shared_memory, "runtime": small_rows_too},
         "object_store": {
             "runtime": zr.RuntimeConfig(shared_memory=False),
-            "check_module": lambda dmodel: dmodel._runtime._arena is None or pytest.fail("arena made"),
+            "check_module": lambda dmodel: dmodel.runtime.arena is None or pytest.fail("arena made"),
         },
         "mixed": {"check_module": _two_units_elsewhere, "runtime": small_rows_too},
     }[transport]
     arenas = []
     check = kwargs.pop("check_module")
-    kwargs["check_module"] = lambda dmodel: (check(dmodel), arenas.append(dmodel._runtime._arena))
+    kwargs["check_module"] = lambda dmodel: (check(dmodel), arenas.append(dmodel.runtime.arena))
     losses, state = _train_distributed(cfg, degree=4, checkpoint=False, **kwargs)
     if transport != "object_store":
         assert arenas[0].regions > 0  # the rows did go through shared memory
@@ -209,7 +209,7 @@ def test_eval_keeps_nothing_and_idle_experts_are_not_called():
         with torch.no_grad():
             y = dmodel(x)
         torch.testing.assert_close(y, expected)
-        units = dmodel.units()
+        units = dmodel.unit_stats()
         busy = {dmodel.placement[(0, 0)]["unit"], dmodel.placement[(0, 1)]["unit"]}
         for u in units:
             assert u["calls"].get("forward", 0) == (1 if u["unit"] in busy else 0), u
@@ -226,7 +226,7 @@ def test_stalled_expert_raises_named_deadline_not_a_hang():
     # stalled unit would be replaced instead: see tests/chaos).
     dmodel = zr.parallelize(model, zr.ExpertParallel(degree=2), runtime=runtime, checkpoint=False)
     try:
-        ray.get(dmodel._runtime.units[1].inject_delay.remote("backward", 60.0), timeout=30)
+        ray.get(dmodel.unit_handle(1).inject_delay.remote("backward", 60.0), timeout=30)
         _, loss = dmodel(x, y)
         start = time.monotonic()
         with pytest.raises(DeadlineExceeded) as err:
@@ -253,7 +253,7 @@ def test_dead_unit_is_a_named_failure():
     with zr.parallelize(
         model, zr.ExpertParallel(degree=2), runtime=zr.RuntimeConfig(deadline_s=20), checkpoint=False
     ) as dm:
-        ray.kill(dm._runtime.units[0], no_restart=True)
+        ray.kill(dm.unit_handle(0), no_restart=True)
         with pytest.raises(UnitFailed) as err:
             dm(x, y)
         assert err.value.unit == 0 and err.value.phase == "forward"
@@ -272,4 +272,4 @@ def test_class_decorator_inside_mesh_builds_a_distributed_module():
         x, y = _batches(1)[0]
         _, loss = dmodel(x, y)
         loss.backward()
-        assert len(dmodel.units()) == 2
+        assert len(dmodel.units) == 2

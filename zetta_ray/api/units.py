@@ -1,0 +1,25 @@
+"""``UnitRecord``: what ``DistributedModule.units`` says of each compute unit. Pure; no Ray."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["UnitRecord"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class UnitRecord:
+    """One compute unit of a ``DistributedModule``.
+
+    Attributes:
+        index: the unit's place in ``dmodel.units``: what ``zr.chaos.Kill(target="unit", index=i)``,
+            faults and recovery events name.
+        role: what the unit runs. ``"expert"``: it hosts experts of the MoE layers (the only role today).
+        node_id: the Ray node the unit runs on now (after a recovery: its replacement's node).
+        experts: the ``(layer, expert)`` pairs it hosts, in order.
+    """
+
+    index: int
+    role: str
+    node_id: str
+    experts: tuple[tuple[int, int], ...]
