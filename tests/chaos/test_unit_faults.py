@@ -117,7 +117,7 @@ def test_unit_killed_in_each_phase(fault_free, phase, rows):
         if (step, now) == (FAULT_STEP, phase):
             # one node: the snapshots went to the pool through shared-memory slots (actors/staging.py)
             slots.append((dm._runtime.supervisor._stage_prefix, len(dm._runtime.supervisor._slot_busy)))
-            ray.kill(dm._runtime.units[1], no_restart=True)
+            ray.kill(dm.unit_handle(1), no_restart=True)
 
     runtime = zr.RuntimeConfig(shared_memory_min_bytes=0) if rows == "shared_memory" else None
     state, recoveries = _train(kill, runtime=runtime)
@@ -139,7 +139,7 @@ def test_snapshots_through_the_object_store_when_memory_is_not_shared(fault_free
     def kill(dm, step, now):
         if (step, now) == (FAULT_STEP, "backward"):
             used.append(len(dm._runtime.supervisor._slot_busy))
-            ray.kill(dm._runtime.units[2], no_restart=True)
+            ray.kill(dm.unit_handle(2), no_restart=True)
 
     state, recoveries = _train(kill, runtime=zr.RuntimeConfig(shared_memory=False))
     _assert_same(state, fault_free)
@@ -150,7 +150,7 @@ def test_snapshots_through_the_object_store_when_memory_is_not_shared(fault_free
 def test_full_snapshots_every_step_recover_without_records(fault_free):
     def kill(dm, step, now):
         if (step, now) == (FAULT_STEP, "backward"):
-            ray.kill(dm._runtime.units[3], no_restart=True)
+            ray.kill(dm.unit_handle(3), no_restart=True)
 
     state, recoveries = _train(kill, checkpoint=zr.TrickleCheckpoint(full_every=1))
     _assert_same(state, fault_free)
@@ -165,7 +165,7 @@ def test_replacement_killed_in_the_same_step_redoes_at_most_one_step(fault_free)
 
     def kill_twice(dm, step, now):
         if (step, now) in ((2, "backward"), (2, "optimizer")):
-            ray.kill(dm._runtime.units[1], no_restart=True)
+            ray.kill(dm.unit_handle(1), no_restart=True)
 
     state, recoveries = _train(kill_twice)
     _assert_same(state, fault_free)
@@ -191,7 +191,7 @@ def test_unit_process_sigkilled_from_outside(fault_free):
 def test_stalled_unit_is_replaced_after_its_deadline(fault_free):
     def stall(dm, step, now):
         if (step, now) == (FAULT_STEP, "forward"):
-            ray.get(dm._runtime.units[2].inject_delay.remote("backward", 300.0), timeout=30)
+            ray.get(dm.unit_handle(2).inject_delay.remote("backward", 300.0), timeout=30)
 
     start = time.monotonic()
     state, recoveries = _train(stall, runtime=zr.RuntimeConfig(deadline_s=4.0))
@@ -204,9 +204,9 @@ def test_stalled_unit_is_replaced_after_its_deadline(fault_free):
 def test_memory_pool_killed_then_a_unit(fault_free):
     def kill_pool_then_unit(dm, step, now):
         if (step, now) == (2, "forward"):  # the only pool on this node: every replica is gone
-            ray.kill(next(iter(dm._faults.pools.values())), no_restart=True)
+            ray.kill(next(iter(dm.faults.pools.values())), no_restart=True)
         if (step, now) == (4, "backward"):  # recovery needs the snapshot stored in the new pool
-            ray.kill(dm._runtime.units[0], no_restart=True)
+            ray.kill(dm.unit_handle(0), no_restart=True)
 
     state, recoveries = _train(kill_pool_then_unit)
     _assert_same(state, fault_free)
@@ -261,7 +261,7 @@ def test_tight_pools_fall_back_to_full_snapshots_and_recovery_stays_bitwise(faul
 
     def kill(dm, step, now):
         if (step, now) == (STEPS - 1, "backward"):
-            ray.kill(dm._runtime.units[1], no_restart=True)
+            ray.kill(dm.unit_handle(1), no_restart=True)
 
     config = zr.TrickleCheckpoint(pool_bytes=14 * _unit_param_bytes())
     with caplog.at_level(logging.INFO, logger="zetta_ray.control.manager"):
