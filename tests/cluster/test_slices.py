@@ -48,7 +48,7 @@ def test_units_run_on_the_nodes_their_plan_names_and_training_matches_pytorch(cl
         placement = dm.placement
         nodes_used = {p["node_id"] for p in placement.values()}
         assert nodes_used == _npu_nodes()  # 4 npu units need both npu nodes
-        actual = {u["unit"]: u["node_id"] for u in dm.units()}
+        actual = {u["unit"]: u["node_id"] for u in dm.unit_stats()}
         for (layer, expert), where in placement.items():
             assert actual[where["unit"]] == where["node_id"], (layer, expert)
         opt = dm.optimizer(torch.optim.AdamW, lr=1e-2)
@@ -60,7 +60,7 @@ def test_units_run_on_the_nodes_their_plan_names_and_training_matches_pytorch(cl
                 loss.backward()
                 o.step()
         state = dm.state_dict()
-        pg_id = dm._slice.pg.id.hex()
+        pg_id = dm.slice.pg.id.hex()
     for key, value in reference.state_dict().items():
         assert torch.equal(state[key], value), key
     table = placement_group_table()

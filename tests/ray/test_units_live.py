@@ -31,8 +31,8 @@ def test_declared_units_are_cluster_resources_and_slices_use_them(npu_laptop):
     cfg = zr.MoEConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_experts=4, d_ff=32, seq_len=8)
     model = zr.MoETransformer(cfg)
     with zr.parallelize(model, zr.ExpertParallel(degree=2), slice=zr.SliceRequest(units=2, spares=2)) as dm:
-        assert dm._slice.plan.kind == "npu"  # npu is preferred for experts
-        bundles = placement_group_table()[dm._slice.pg.id.hex()]["bundles"]
+        assert dm.slice.plan.kind == "npu"  # npu is preferred for experts
+        bundles = placement_group_table()[dm.slice.pg.id.hex()]["bundles"]
         assert len(bundles) == 4 and all(b == {"npu": 1.0} for b in bundles.values())  # 2 units + 2 spares
         assert ray.available_resources().get("npu", 0) == 0  # the spares are held, not just promised
         x = torch.randint(0, 32, (2, 8))
