@@ -70,7 +70,7 @@ def _remove_node_of_unit(cluster: Cluster, workers: list, dm, unit: int, gracefu
     node_id = next(p["node_id"] for p in dm.placement.values() if p["unit"] == unit)
     hosted = {p["unit"] for p in dm.placement.values() if p["node_id"] == node_id}
     for u in hosted:
-        replicas = {r.node for r in dm._faults.acked.get(u, [])}
+        replicas = {r.node for r in dm.faults.acked.get(u, [])}
         assert replicas and node_id not in replicas  # its snapshots live on other nodes
     victim = next(w for w in workers if w.node_id == node_id)
     cluster.remove_node(victim, allow_graceful=graceful)
@@ -85,7 +85,7 @@ def test_node_removed_mid_step(npu_cluster, fault_free, graceful):
 
     def remove(dm):
         lost["node"], lost["units"] = _remove_node_of_unit(c, workers, dm, unit=0, graceful=graceful)
-        lost["faults"] = dm._faults
+        lost["faults"] = dm.faults
 
     start = time.monotonic()
     state, recoveries, placement = _train(remove)

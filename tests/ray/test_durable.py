@@ -57,7 +57,7 @@ def test_scheduled_checkpoints_resume_bitwise_and_a_forced_one_is_written_once(t
         opt = dm.optimizer(torch.optim.AdamW, lr=1e-2)
         _train(dm, opt, batches, 0, 9, position)
         expected = dm.state_dict()
-        dm._faults.durable.flush()
+        dm.faults.durable.flush()
         store = DurableStore(uri)
         assert store.steps() == [4, 6, 8], "every 2nd step, the last 3 kept"
         info = store.latest()
@@ -94,8 +94,8 @@ def test_time_based_checkpoints_and_clear_errors(tmp_path):
         opt = dm.optimizer(torch.optim.AdamW, lr=1e-2)
         assert dm.load_checkpoint() is None, "nothing written yet"
         _train(dm, opt, _batches(4), 0, 4, position)
-        dm._faults.durable.flush()
-        written = dm._faults.durable.written
+        dm.faults.durable.flush()
+        written = dm.faults.durable.written
         # Each step is due by the clock, but one is skipped while the previous write is still in flight.
         assert written and written == sorted(set(written)) and set(written) <= {1, 2, 3, 4}
         assert DurableStore(uri).steps() == written[-3:]
