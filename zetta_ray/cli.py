@@ -1,4 +1,4 @@
-"""The ``zetta-ray`` command.
+"""The ``zetta-ray`` command: parses the arguments and wires each subcommand to the library.
 
     zetta-ray train [--config FILE.toml] [--steps N] [--seed S] [--address ADDR] [--metrics-json PATH]
     zetta-ray plan [--topology FILE | --address ADDR] [--config FILE.toml] [--tokens-per-step N]
@@ -9,16 +9,20 @@
 
 ``train`` runs ``zetta_ray.trainer.train``: an MoE transformer on the byte-level standard-library corpus,
 with a progress bar on stderr and a one-line summary on stdout. Settings come from the dataclass
-defaults, then the TOML file (tables ``[model]``, ``[train]``, ``[runtime]`` map onto ``zr.MoEConfig``,
-``zr.TrainConfig`` and ``zr.RuntimeConfig``), then the command-line flags. Each subcommand is a
-``_cmd_<name>`` function registered in ``build_parser``.
+defaults, then the TOML file (``zetta_ray.runconfig.load_config``: tables ``[model]``, ``[train]``,
+``[runtime]`` map onto ``zr.MoEConfig``, ``zr.TrainConfig`` and ``zr.RuntimeConfig``), then the
+command-line flags. Each subcommand is a ``_cmd_<name>`` function with an ``_add_<name>`` that registers
+its flags in ``build_parser``.
 
 ``plan`` places the experts of the ``[model]`` in ``--config`` with ``zetta_ray.placement.place`` on a
 synthetic machine (``--topology FILE``, no cluster needed) or on the live Ray cluster, and prints the
-plan as a table; ``--json PATH`` writes all of it. ``simulate`` runs ``zetta_ray.sim`` on a spec file
-(see docs/simulator.md). ``chaos`` runs the train job without and with injected faults (units, memory
-pools or nodes killed) and reports the recoveries and whether the final state is bit-identical
-(docs/recovery.md).
+plan as a table (``zetta_ray.placement.report``); ``--json PATH`` writes all of it. ``simulate`` runs
+``zetta_ray.sim`` on a spec file (see docs/simulator.md). ``chaos`` runs the train job without and with
+injected faults (units, memory pools or nodes killed) and reports the recoveries and whether the final
+state is bit-identical (docs/recovery.md).
+
+Ray: ``train`` and ``chaos`` start or join a cluster; ``plan`` without ``--topology`` joins one to read
+its nodes.
 
 Errors that zetta_ray raises on purpose (``ZettaError``, including ``ConfigError``) end the command with a
 one-line message and exit status 2 (configuration) or 1 (anything else), never a traceback.
@@ -28,116 +32,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
 import time
-import types
-import typing
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 from tqdm import tqdm
 
 import zetta_ray as zr
-from zetta_ray.chaos import Chaos, ClusterNodeKiller, Kill, RayletKiller, local_cluster, parse_kill
-from zetta_ray.config import MoEConfig, RuntimeConfig, TrainConfig, from_mapping
+from zetta_ray.chaos import Chaos, parse_kill
+from zetta_ray.chaos_run import chaos_cluster, chaos_report, check_kills, format_chaos
 from zetta_ray.errors import ConfigError, ZettaError
-from zetta_ray.placement import (
-    InfeasiblePlacementError,
-    Placement,
-    PlacerConfig,
-    Tier,
-    Topology,
-    Workload,
-    place,
-    round_robin,
-    zipf_load,
-)
-from zetta_ray.placement.cost import TOKENS
+from zetta_ray.placement import InfeasiblePlacementError, PlacerConfig, Topology, Workload, place, zipf_load
+from zetta_ray.placement.replicas import default_replicas
+from zetta_ray.placement.report import format_plan, plan_document
+from zetta_ray.runconfig import load_config
 from zetta_ray.sim import main_simulate
 from zetta_ray.trainer import StepMetrics, train
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-__all__ = [
-    "RunConfig",
-    "build_parser",
-    "default_replicas",
-    "format_plan",
-    "load_config",
-    "main",
-    "plan_document",
-]
-
-_TABLES: dict[str, type] = {"model": MoEConfig, "train": TrainConfig, "runtime": RuntimeConfig}
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class RunConfig:
-    """The three configs of one ``zetta-ray train`` run."""
-
-    model: MoEConfig
-    train: TrainConfig
-    runtime: RuntimeConfig
-
-
-def _check_types(cls: type, table: str, values: dict[str, Any]) -> None:
-    """Reject TOML values of the wrong type, naming the key, the value and the type it must have."""
-    hints = typing.get_type_hints(cls)
-    for key, value in values.items():
-        want = hints.get(key)
-        if want is None:
-            continue  # an unknown key: from_mapping names it
-        allowed = typing.get_args(want) if isinstance(want, types.UnionType) else (want,)
-        if float in allowed:
-            allowed = (*allowed, int)  # TOML writes 1 for 1.0
-        if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
-            names = " or ".join(t.__name__ for t in allowed if t is not type(None))
-            raise ConfigError(
-                f"[{table}] {key} = {value!r} is a {type(value).__name__}; {cls.__name__}.{key} takes {names}"
-            )
-
-
-def load_config(path: str | Path | None = None, **train_overrides: Any) -> RunConfig:
-    """Defaults, then the TOML file at ``path``, then ``train_overrides`` (``None`` values ignored).
-
-    Unknown tables and unknown keys are errors that name them; so are values of the wrong type.
-    """
-    tables: dict[str, Any] = {}
-    if path is not None:
-        try:
-            tables = tomllib.loads(Path(path).read_text())
-        except OSError as e:
-            raise ConfigError(f"--config {str(path)!r}: cannot read it ({e.strerror})") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"--config {str(path)!r} is not valid TOML: {e}") from None
-    unknown = sorted(k for k in tables if k not in _TABLES)
-    if unknown:
-        raise ConfigError(
-            f"unknown table(s) or top-level key(s) {unknown} in {str(path)!r}; the file may hold only the "
-            f"tables {sorted(f'[{t}]' for t in _TABLES)}"
-        )
-    not_tables = sorted(k for k, v in tables.items() if not isinstance(v, dict))
-    if not_tables:
-        raise ConfigError(f"{not_tables} in {str(path)!r} must be tables, written [name] on their own line")
-    overrides = {k: v for k, v in train_overrides.items() if v is not None}
-    tables["train"] = {**tables.get("train", {}), **overrides}
-    built = {}
-    for name, cls in _TABLES.items():
-        values = tables.get(name, {})
-        _check_types(cls, name, values)
-        built[name] = from_mapping(cls, values, name)
-    return RunConfig(**built)
-
+__all__ = ["build_parser", "main"]
 
 # -- train ------------------------------------------------------------------------------------------------
 
@@ -212,62 +128,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 # -- chaos ------------------------------------------------------------------------------------------------
 
 
-def _node_killer(
-    args: argparse.Namespace, kills: list[Kill], targets: list[str], stack: ExitStack, degree: int
-) -> tuple[str | None, Any, str]:
-    """Where the chaos runs (an address for ``train``), what kills a node, and a label for the report.
-
-    ``--nodes N`` starts a local multi-node cluster and removes its nodes; ``--address`` (or
-    ``RAY_ADDRESS``) joins a cluster and SIGKILLs a node's raylet; a node kill on an embedded single-node
-    cluster is refused."""
-    wants_nodes = any(k.target == "node" for k in kills) or ("node" in targets and args.rate > 0)
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    if args.nodes is not None:  # argparse keeps --nodes and --address apart
-        if args.nodes < 1:
-            raise ConfigError(f"--nodes {args.nodes} is invalid: give the number of worker nodes, >= 1")
-        per = math.ceil(degree / args.nodes)  # every unit fits on the workers, none on the head
-        cluster = stack.enter_context(local_cluster(args.nodes, units={"npu": per}, cpus_per_worker=per))
-        setting = f"a local cluster: a head node (the driver), {args.nodes} worker node(s) of {per} npu each"
-        return cluster.address, ClusterNodeKiller(cluster), setting
-    if not wants_nodes:
-        return args.address, None, f"the cluster at {address}" if address else "an embedded local cluster"
-    if not address and not ray.is_initialized():
-        raise ConfigError(
-            "a node kill needs several nodes, but without --address this runs on an embedded single-node "
-            "cluster; add --nodes N to start a local cluster of N worker nodes, or --address ADDR to "
-            "join a multi-node cluster"
-        )
-    zr.init(args.address)
-    where = ray.get_runtime_context().gcs_address
-    alive = [n for n in ray.nodes() if n["Alive"]]
-    if len(alive) < 2:
-        raise ConfigError(
-            f"a node kill needs a node other than the driver's, but the cluster at {where} has "
-            f"{len(alive)} live node; add nodes, or use --nodes N for a local multi-node cluster"
-        )
-    return args.address, RayletKiller(), f"the cluster at {where} ({len(alive)} live nodes)"
-
-
-def _kill_to_next_step(injected_at: list[float], step_ends: list[float]) -> list[float | None]:
-    """For each fault: seconds from its injection to the end of the next completed step."""
-    return [next((round(t - at, 3) for t in step_ends if t > at), None) for at in injected_at]
-
-
 def _cmd_chaos(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, steps=args.steps, seed=args.seed, data_dir=args.data_dir)
     kills = [parse_kill(k) for k in args.kill or []]
-    if not kills and not args.rate:
-        raise ConfigError("zetta-ray chaos needs faults: --kill TARGET:STEP[:PHASE[:INDEX]] or --rate R")
     degree = cfg.train.expert_degree
-    for k in kills:
-        if k.target in ("unit", "node") and k.index >= degree:
-            raise ConfigError(
-                f"--kill {k.target}:{k.step}:{k.phase}:{k.index}: the run has {degree} compute units "
-                f"(expert_degree); use an INDEX in 0..{degree - 1}"
-            )
+    check_kills(kills, args.rate, degree)
     targets = args.targets.split(",")
     with ExitStack() as stack:
-        address, kill_node, setting = _node_killer(args, kills, targets, stack, degree)
+        wants_nodes = any(k.target == "node" for k in kills) or ("node" in targets and args.rate > 0)
+        address, kill_node, setting = chaos_cluster(
+            stack, address=args.address, nodes=args.nodes, wants_nodes=wants_nodes, degree=degree
+        )
         monkey = Chaos(kills, rate=args.rate, seed=args.chaos_seed, targets=targets, kill_node=kill_node)
         _err(f"zetta-ray chaos on {setting}: a fault-free run of {cfg.train.steps} steps, then under chaos")
         clean = train(cfg.model, cfg.train, cfg.runtime, address=address, log=_err_above_bar, val_batches=0)
@@ -282,38 +153,8 @@ def _cmd_chaos(args: argparse.Namespace) -> int:
             chaos=monkey,
             on_step=lambda _m: step_ends.append(time.perf_counter()),
         )
-    lost = [r["step"] - r["restored_step"] for r in faulty.recoveries]
-    times = sorted(r["recovery_s"] for r in faulty.recoveries)
-    report = {
-        "cluster": setting,
-        "faults_injected": monkey.injected,
-        "recoveries": faulty.recoveries,
-        "time_to_recover_s": {
-            "p50": times[len(times) // 2] if times else None,
-            "max": times[-1] if times else None,
-        },
-        "kill_to_next_step_s": _kill_to_next_step(monkey.injected_at, step_ends),
-        "steps_redone": {"max": max(lost, default=0), "each": lost},
-        "fault_free_sha256": clean.state_sha256,
-        "chaos_sha256": faulty.state_sha256,
-        "bitwise_identical": clean.state_sha256 == faulty.state_sha256,
-        "wall_time_s": {"fault_free": clean.wall_time_s, "chaos": faulty.wall_time_s},
-    }
-    for f in monkey.injected:
-        print(f"injected: {f}")
-    for r in faulty.recoveries:
-        print(
-            f"recovered: unit {r['unit']} ({r['kind']} in {r['phase']} at step {r['step']}) by "
-            f"{r['action']} on node {(r['node'] or '?')[:12]} from snapshot {r['restored_step']} "
-            f"({r['redone_records']} gradient records redone) in {r['recovery_s']:.2f} s, "
-            f"{r['replayed_calls']} calls replayed"
-        )
-    verdict = "IDENTICAL" if report["bitwise_identical"] else "DIFFERS"
-    print(
-        f"{len(monkey.injected)} fault(s), {len(faulty.recoveries)} recovery(ies), steps redone "
-        f"{report['steps_redone']['max']}; final state {verdict} to the fault-free run "
-        f"({faulty.state_sha256[:16]})"
-    )
+    report = chaos_report(setting, monkey, clean, faulty, step_ends)
+    print(format_chaos(monkey, faulty, report))
     if args.json:
         _write_json(args.json, report)
     return 0 if report["bitwise_identical"] else 1
@@ -360,26 +201,6 @@ def _add_chaos(sub: argparse._SubParsersAction) -> None:
 
 # -- plan -------------------------------------------------------------------------------------------------
 
-#: Snapshot replicas per expert that ``plan`` asks for at most when ``--replicas`` is not given.
-MAX_DEFAULT_REPLICAS = 2
-
-
-def default_replicas(topology: Topology) -> int:
-    """Snapshot replicas per expert when ``--replicas`` is not given: as many as any expert can have, up to 2.
-
-    A replica never shares its expert's node (nor its rack when the memory pools span racks), so the
-    count is the pool nodes outside the fullest rack (or, with one rack, the pool nodes but one), capped
-    at ``MAX_DEFAULT_REPLICAS``: 0 on a single node, 1 on two nodes, 2 from three nodes on. Every unit
-    stays eligible for experts, whatever its rack.
-    """
-    t = topology
-    pool_nodes = np.unique(t.pool_node_P)
-    if len(np.unique(t.pool_rack_P)) > 1:
-        room = len(pool_nodes) - int(np.bincount(t.node_rack_N[pool_nodes]).max())
-    else:
-        room = len(pool_nodes) - 1
-    return max(0, min(MAX_DEFAULT_REPLICAS, room))
-
 
 _FLAG_HINT = (
     "(zetta-ray plan flags: --replicas sets Workload.replicas, --dense-units Workload.n_dense; "
@@ -404,205 +225,6 @@ def _plan_workload(args: argparse.Namespace, topology: Topology) -> Workload:
     return Workload.from_moe_config(
         cfg.model, tokens_per_step=tokens, load=load, replicas=replicas, n_dense=args.dense_units
     )
-
-
-def _finite(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None
-
-
-def _link_tiers(topology: Topology, plan: Placement) -> list[dict[str, Any]]:
-    """Per link tier that carries bytes: its bandwidth and latency, and the plan's bytes per step on it."""
-    e = plan.cost.edges
-    rows = []
-    for tier in Tier:
-        mine = e.tier_Y == tier
-        if not mine.any():
-            continue
-        tokens = mine & (e.kind_Y == TOKENS)
-        rows.append(
-            {
-                "tier": tier.name,
-                "bandwidth_bytes_per_s": _finite(topology.links.bandwidth_T[tier]),
-                "latency_s": float(topology.links.latency_T[tier]),
-                "edges": int(mine.sum()),
-                "token_bytes": float(e.bytes_Y[tokens].sum()),
-                "snapshot_bytes": float(e.bytes_Y[mine & ~tokens].sum()),
-            }
-        )
-    return rows
-
-
-def _round_robin(topology: Topology, workload: Workload) -> dict[str, Any]:
-    try:
-        rr = round_robin(topology, workload)
-    except InfeasiblePlacementError as e:
-        return {"error": " ".join(str(e).split())}
-    return {"step_time_s": rr.step_time_s, "cost": rr.cost.to_dict()}
-
-
-def _workload_summary(w: Workload, zipf: float | None) -> dict[str, Any]:
-    return {
-        "n_layers": w.n_layers,
-        "n_experts": w.n_experts,
-        "top_k": w.top_k,
-        "d_model": w.d_model,
-        "d_ff": w.d_ff,
-        "tokens_per_step": w.tokens_per_step,
-        "load": f"zipf exponent {zipf:g}" if zipf else "uniform",
-        "n_dense": w.n_dense,
-        "replicas": w.replicas,
-        "snapshot_bytes": w.snapshot_bytes,
-        "max_expert_memory_bytes": float(w.memory_X.max()),
-    }
-
-
-def plan_document(
-    topology: Topology, workload: Workload, plan: Placement, *, zipf: float | None = None
-) -> dict[str, Any]:
-    """What ``zetta-ray plan --json`` writes: ``Placement.to_dict`` (method, seed, topology summary, cost,
-    dense units, one row per expert with its links), the workload, bytes per link tier, and the
-    round-robin baseline's predicted step time (or why it cannot place the workload)."""
-    baseline = _round_robin(topology, workload)
-    doc = plan.to_dict(topology, workload)
-    doc.update(
-        step_time_s=plan.step_time_s,
-        workload=_workload_summary(workload, zipf),
-        link_tiers=_link_tiers(topology, plan),
-        round_robin=baseline,
-    )
-    if "step_time_s" in baseline:
-        doc["speedup_vs_round_robin"] = baseline["step_time_s"] / plan.step_time_s
-    return doc
-
-
-def _bytes(n: float) -> str:
-    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g} {prefix}B"
-    return f"{n:.3g} B"
-
-
-def _secs(s: float) -> str:
-    if s == 0:
-        return "0 s"
-    for scale, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "us")):
-        if s >= scale:
-            return f"{s / scale:.3g} {unit}"
-    return f"{s / 1e-9:.3g} ns"
-
-
-def _short(name: str, width: int = 24) -> str:
-    """A node name fit for a column: Ray node ids (56 hex digits) keep their first 12."""
-    return name if len(name) <= width else name[:12] + "..."
-
-
-def _columns(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> list[str]:
-    """Aligned text columns; the columns in ``right`` are right-aligned."""
-    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        out = (
-            c.rjust(w) if i in right else c.ljust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-        return ("  " + "  ".join(out)).rstrip()
-
-    return [line(header), *(line(r) for r in rows)]
-
-
-def _expert_row(row: dict[str, Any]) -> list[str]:
-    tokens: dict[str, float] = {}
-    snaps = []
-    for link in row["links"]:
-        if link["kind"] == "tokens":
-            tokens[link["tier"]] = tokens.get(link["tier"], 0.0) + link["bytes"]
-        else:
-            snaps.append(f"{link['tier']} {_bytes(link['bytes'])} to {_short(link['peer_node'])}")
-    return [
-        f"L{row['layer']}/E{row['expert']}",
-        str(row["unit"]),
-        row["kind"],
-        _short(row["node"]),
-        f"{row['load']:.1%}",
-        ", ".join(f"{tier} {_bytes(b)}" for tier, b in tokens.items()),
-        "; ".join(snaps) or "-",
-    ]
-
-
-def _count(n: int, word: str) -> str:
-    return f"{n:,} {word}" + ("" if n == 1 else "s")
-
-
-def _header_lines(doc: dict[str, Any]) -> list[str]:
-    t, w = doc["topology"], doc["workload"]
-    kinds = ", ".join(f"{k} {v['units']:,}" for k, v in t["kinds"].items() if v["units"])
-    dense = "; ".join(f"unit {d['unit']} ({d['kind']}, node {_short(d['node'])})" for d in doc["dense"])
-    replicas = w["replicas"]
-    snapshots = (
-        f"{_count(replicas, 'snapshot replica')} per expert ({_bytes(w['snapshot_bytes'])} each)"
-        if replicas
-        else "no snapshot replicas"
-    )
-    return [
-        f"zetta-ray plan: {t['name']}, {t['units']:,} units ({kinds}) on {_count(t['nodes'], 'node')}, "
-        f"{_count(t['racks'], 'rack')}, {_count(t['pods'], 'pod')}; {_count(t['pools'], 'memory pool')}",
-        f"  workload  {_count(w['n_layers'], 'MoE layer')} x {w['n_experts']} experts, top-{w['top_k']}, "
-        f"d_model {w['d_model']}, d_ff {w['d_ff']}; {w['tokens_per_step']:,} tokens/step, load "
-        f"{w['load']}; {_count(w['n_dense'], 'dense unit')}; {snapshots}",
-        f"  dense     {dense}",
-        f"  method    {doc['method']} (seed {doc['seed']})",
-    ]
-
-
-def _tier_lines(doc: dict[str, Any]) -> list[str]:
-    rr = doc["round_robin"].get("cost", {}).get("bytes_by_tier", {})
-    rows = [
-        [
-            r["tier"],
-            "-" if r["bandwidth_bytes_per_s"] is None else _bytes(r["bandwidth_bytes_per_s"]) + "/s",
-            _secs(r["latency_s"]) if r["latency_s"] else "-",
-            f"{r['edges']:,}",
-            _bytes(r["token_bytes"]),
-            _bytes(r["snapshot_bytes"]),
-            _bytes(r["token_bytes"] + r["snapshot_bytes"]),
-            _bytes(rr.get(r["tier"], 0.0)) if rr else "-",
-        ]
-        for r in doc["link_tiers"]
-    ]
-    header = ["tier", "bandwidth", "latency", "edges", "token rows", "snapshots", "total", "round-robin"]
-    return ["  bytes per step by link tier:", *_columns(header, rows, right={1, 2, 3, 4, 5, 6, 7})]
-
-
-def _step_lines(doc: dict[str, Any]) -> list[str]:
-    c, rr = doc["cost"], doc["round_robin"]
-    lines = [
-        f"  predicted step {_secs(c['step_time_s'])}: dense compute {_secs(c['dense_compute_s'])}, "
-        f"MoE layers {_secs(sum(c['layer_time_s']))}, snapshots {_secs(c['snapshot_s'])}"
-    ]
-    if "error" in rr:
-        lines.append(f"  round-robin    cannot place this workload: {rr['error']}")
-    else:
-        lines.append(
-            f"  round-robin    {_secs(rr['step_time_s'])} predicted "
-            f"(this plan is {doc['speedup_vs_round_robin']:.2f}x as fast)"
-        )
-    return lines
-
-
-def format_plan(doc: dict[str, Any], *, limit: int = 64) -> str:
-    """The text ``zetta-ray plan`` prints for a ``plan_document``: a header, the first ``limit`` experts
-    (all when ``limit`` is 0), bytes per link tier against round-robin, and the predicted step time."""
-    experts = doc["experts"]
-    shown = experts if limit <= 0 else experts[:limit]
-    header = ["expert", "unit", "kind", "node", "load", "token rows/step", "snapshots/step"]
-    lines = [*_header_lines(doc), ""]
-    lines += _columns(header, [_expert_row(r) for r in shown], right={1, 4})
-    if len(shown) < len(experts):
-        lines.append(
-            f"  ... {len(shown):,} of {len(experts):,} experts shown; --limit 0 shows all, --json PATH "
-            "writes all"
-        )
-    return "\n".join([*lines, "", *_tier_lines(doc), "", *_step_lines(doc)])
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:

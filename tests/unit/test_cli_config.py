@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 import zetta_ray as zr
-from zetta_ray.cli import build_parser, load_config, main
+from zetta_ray.cli import build_parser, main
 from zetta_ray.errors import ConfigError
+from zetta_ray.runconfig import load_config
 
 pytestmark = pytest.mark.unit
 

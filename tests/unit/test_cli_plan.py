@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from zetta_ray.cli import default_replicas, main
+from zetta_ray.cli import main
 from zetta_ray.placement import Topology
+from zetta_ray.placement.replicas import default_replicas
 
 pytestmark = pytest.mark.unit
 

@@ -21,9 +21,29 @@ from zetta_ray.placement.cost import Workload
 from zetta_ray.placement.plan import InfeasiblePlacementError, gib
 from zetta_ray.placement.topology import Tier, Topology
 
-__all__ = ["place_replicas", "replicas_with_fallback"]
+__all__ = ["MAX_DEFAULT_REPLICAS", "default_replicas", "place_replicas", "replicas_with_fallback"]
 
 _TIE = 1e-9
+
+#: Snapshot replicas per expert that ``zetta-ray plan`` asks for at most when ``--replicas`` is not given.
+MAX_DEFAULT_REPLICAS = 2
+
+
+def default_replicas(topology: Topology) -> int:
+    """Snapshot replicas per expert when ``--replicas`` is not given: as many as any expert can have, up to 2.
+
+    A replica never shares its expert's node (nor its rack when the memory pools span racks), so the
+    count is the pool nodes outside the fullest rack (or, with one rack, the pool nodes but one), capped
+    at ``MAX_DEFAULT_REPLICAS``: 0 on a single node, 1 on two nodes, 2 from three nodes on. Every unit
+    stays eligible for experts, whatever its rack.
+    """
+    t = topology
+    pool_nodes = np.unique(t.pool_node_P)
+    if len(np.unique(t.pool_rack_P)) > 1:
+        room = len(pool_nodes) - int(np.bincount(t.node_rack_N[pool_nodes]).max())
+    else:
+        room = len(pool_nodes) - 1
+    return max(0, min(MAX_DEFAULT_REPLICAS, room))
 
 
 def place_replicas(
