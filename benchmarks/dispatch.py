@@ -80,7 +80,7 @@ def main() -> None:
         runtime=zr.RuntimeConfig(shared_memory=False),
         checkpoint=False,
     )
-    runtime, store_runtime = dmodel._runtime, via_store._runtime
+    runtime, store_runtime = dmodel.runtime, via_store.runtime
     try:
         for rows in (16, 256, 2048):
             x_ND = torch.randn(rows, D_MODEL)

@@ -98,9 +98,9 @@ def overhead(
             _model(d_model), zr.ExpertParallel(degree=4), slice=half, checkpoint=snapshots
         ),
     }
-    manager = mods["every_step"]._runtime.supervisor
+    manager = mods["every_step"].faults
     layout = [  # each unit's node and its snapshots' pools' nodes (8 hex digits each)
-        [node[:8], [n[:8] for _, n in manager._replica_targets(u)]]
+        [node[:8], [n[:8] for _, n in manager.replica_targets(u)]]
         for u, node in enumerate(manager.unit_nodes if manager else [])
     ]
     try:
@@ -145,7 +145,7 @@ def recovery(kills: int) -> dict:
                 _step(dm, opt, x, y)
             step_in_progress = dm.step
             start = time.perf_counter()
-            ray.kill(dm._runtime.units[k % 4], no_restart=True)
+            ray.kill(dm.unit_handle(k % 4), no_restart=True)
             _step(dm, opt, x, y)
             times.append(time.perf_counter() - start)
             event = dm.recoveries[-1]

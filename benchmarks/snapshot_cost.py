@@ -79,8 +79,8 @@ def _copy_ms(nbytes: int, repeats: int = 5) -> float:
 
 
 def _pids(dm: zr.DistributedModule) -> dict[str, list[int]]:
-    pools = dm._faults.pools.values() if dm._faults is not None else []
-    units = [p["pid"] for p in dm._runtime.ping()]
+    pools = dm.faults.pools.values() if dm.faults is not None else []
+    units = [p["pid"] for p in dm.unit_stats()]
     pools = [ray.get(p.stats.remote(), timeout=60)["pid"] for p in pools]
     raylets = sorted({int(_stat(pid)[1]) for pid in units + pools})  # a worker's parent: its raylet
     return {"units": units, "raylet": raylets, "pools": pools, "controller": [os.getpid()]}
@@ -122,7 +122,7 @@ def _measure(args: argparse.Namespace, half: zr.SliceRequest) -> None:
         raylets = sorted({r for p in pids.values() for r in p["raylet"]})
         for p in pids.values():  # on a cluster every node's raylet works for the snapshots: count all
             p["raylet"] = raylets
-        nbytes = sum(a.nbytes for a in mods["none"]._runtime.state_dict().values()) * 3  # + 2 moments
+        nbytes = sum(a.nbytes for a in mods["none"].runtime.state_dict().values()) * 3  # + 2 moments
         for _ in range(args.rounds):
             for k, m in mods.items():
                 for i in range(args.warmup + args.steps):

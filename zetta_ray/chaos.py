@@ -43,7 +43,7 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from zetta_ray.control.manager import raylet_answers
+from zetta_ray.control.liveness import raylet_answers
 from zetta_ray.errors import ConfigError, ZettaError
 
 if TYPE_CHECKING:

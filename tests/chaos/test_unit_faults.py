@@ -116,7 +116,7 @@ def test_unit_killed_in_each_phase(fault_free, phase, rows):
     def kill(dm, step, now):
         if (step, now) == (FAULT_STEP, phase):
             # one node: the snapshots went to the pool through shared-memory slots (actors/staging.py)
-            slots.append((dm._runtime.supervisor._stage_prefix, len(dm._runtime.supervisor._slot_busy)))
+            slots.append((dm.faults.stage_prefix, dm.faults.slots_in_use))
             ray.kill(dm.unit_handle(1), no_restart=True)
 
     runtime = zr.RuntimeConfig(shared_memory_min_bytes=0) if rows == "shared_memory" else None
@@ -138,7 +138,7 @@ def test_snapshots_through_the_object_store_when_memory_is_not_shared(fault_free
 
     def kill(dm, step, now):
         if (step, now) == (FAULT_STEP, "backward"):
-            used.append(len(dm._runtime.supervisor._slot_busy))
+            used.append(dm.faults.slots_in_use)
             ray.kill(dm.unit_handle(2), no_restart=True)
 
     state, recoveries = _train(kill, runtime=zr.RuntimeConfig(shared_memory=False))

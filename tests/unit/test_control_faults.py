@@ -82,7 +82,7 @@ def test_many_experts_are_shortened():
 def test_raylet_probe_tells_a_listening_raylet_from_a_dead_one():
     """The probe behind ``FaultManager._live_nodes``: a node whose raylet port accepts is alive, one
     whose port refuses (the raylet was killed; the cluster has not noticed yet) is dead."""
-    from zetta_ray.control.manager import raylet_answers
+    from zetta_ray.control.liveness import raylet_answers
 
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))

@@ -1,12 +1,28 @@
-"""Control plane: fault records, recovery policies and the replay log (pure; no Ray calls).
+"""Control plane: what failed, what to do about it, and the fault manager that does it.
 
-The controller (``runtime/``, ``api/``) detects faults, asks these policies what to do, and carries the
-decisions out; see docs/recovery.md for the protocol.
+The pure policies (no Ray, no I/O; each unit-tested on its own):
 
-- ``Fault``, ``fault_from_error``, ``faults_from_node_death``: what failed, where, when.
-- ``decide_recovery`` -> ``RecoveryDecision``: where a replacement goes and which replica it restores.
-- ``decide_replica_nodes``: which live MemoryPools hold a unit's next snapshot.
-- ``ReplayLog``: the calls to send again to a replacement, and when they may be dropped.
+- ``Fault``, ``fault_from_error``, ``faults_from_node_death`` (``faults.py``): what failed, where, when.
+- ``decide_recovery`` -> ``RecoveryDecision`` (``recovery.py``): where a replacement goes and which
+  replica it restores.
+- ``decide_replica_nodes`` (``replicas.py``): which live MemoryPools hold a unit's next snapshot.
+- ``ReplayLog`` (``replay.py``): the calls to send again to a replacement, and when they may be dropped.
+- ``SnapshotRound``, ``plan_commit`` (``rounds.py``): which snapshot round to commit.
+
+The fault manager (``manager.FaultManager``) coordinates parts with one job each: ``pools.py`` (MemoryPool
+lifecycle), ``slots.py`` (shared-memory slot ledger), ``liveness.py`` (node liveness, a raylet probe),
+``snapshots.py`` (snapshot rounds), ``commits.py`` (acknowledgements and commits), ``repair.py``
+(recovery carried out), ``durable_writes.py`` and ``durable.py`` (durable checkpoints, written through
+pyarrow.fs on a flusher thread). These reach the cluster and the training side only through the
+``typing.Protocol`` seams of ``seams.py``, so the unit tests drive them with fakes.
+
+Three files of this package import Ray: ``ray_cluster.py``, the real ``Cluster`` seam (the node list,
+MemoryPool actors, kill, get and wait), which ``manager.py`` builds unless given another;
+``durable.py``, whose flusher thread reads the stored snapshots it writes (``ray.get``); and
+``faults.py``, which only reads Ray's exception classes to tell an actor's death from its error. None
+of them connects to or starts a cluster on import.
+The controller (``runtime/``, ``api/``) detects faults and hands them to the manager; the protocol is in
+docs/recovery.md.
 """
 
 from __future__ import annotations
