@@ -49,6 +49,7 @@ import ray
 from zetta_ray.actors.staging import StagedSnapshot, open_slot, unstage
 from zetta_ray.checkpoint import Snapshot, read_manifest
 from zetta_ray.errors import ConfigError, PoolFullError, SnapshotNotHeldError
+from zetta_ray.quantities import mib
 
 __all__ = ["MemoryPool", "MemoryPoolActor", "PoolFullError", "SnapshotNotHeldError"]
 
@@ -62,10 +63,6 @@ def _is_full(blob: Held) -> bool:
     """Whether ``blob`` restores on its own: a snapshot's bytes, or a ``Snapshot`` that is no gradient
     record."""
     return isinstance(blob, bytes) or not blob.is_gradient_record
-
-
-def _mb(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} B"
 
 
 class MemoryPool:
@@ -128,8 +125,8 @@ class MemoryPool:
         if size > free + reclaimable:
             raise PoolFullError(
                 f"{self.name} cannot hold the snapshot of unit {unit!r} at step {step}: it needs "
-                f"{_mb(size)} ({size} bytes) but only {_mb(free + reclaimable)} ({free + reclaimable} "
-                f"bytes) would be free of its {_mb(self.limit_bytes)} limit even after evicting unit "
+                f"{mib(size)} ({size} bytes) but only {mib(free + reclaimable)} ({free + reclaimable} "
+                f"bytes) would be free of its {mib(self.limit_bytes)} limit even after evicting unit "
                 f"{unit!r}'s steps {older}, which it makes useless (the rest: other units' snapshots). "
                 "Raise the limit (TrickleCheckpoint(pool_bytes=...) for the pools zr.parallelize "
                 "starts), spread the units over more pools, or drop_before() steps no recovery needs.",

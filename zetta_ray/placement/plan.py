@@ -29,6 +29,7 @@ import numpy as np
 from zetta_ray.errors import ConfigError, InfeasiblePlacementError, PlacementError
 from zetta_ray.placement.cost import TOKENS, StepCost, Workload, step_cost
 from zetta_ray.placement.topology import Tier, Topology
+from zetta_ray.quantities import gib
 
 __all__ = [
     "InfeasiblePlacementError",
@@ -37,10 +38,6 @@ __all__ = [
     "PlacerConfig",
     "check_placement",
 ]
-
-
-def gib(n: float) -> str:
-    return f"{n / 2**30:.3g} GiB"
 
 
 @dataclass(kw_only=True, slots=True)

@@ -18,8 +18,9 @@ from typing import Literal
 import numpy as np
 
 from zetta_ray.placement.cost import Workload
-from zetta_ray.placement.plan import InfeasiblePlacementError, gib
+from zetta_ray.placement.plan import InfeasiblePlacementError
 from zetta_ray.placement.topology import Tier, Topology
+from zetta_ray.quantities import gib
 
 __all__ = ["MAX_DEFAULT_REPLICAS", "default_replicas", "place_replicas", "replicas_with_fallback"]
 

@@ -17,6 +17,7 @@ from zetta_ray.placement.baselines import round_robin
 from zetta_ray.placement.cost import TOKENS, Workload
 from zetta_ray.placement.plan import InfeasiblePlacementError, Placement
 from zetta_ray.placement.topology import Tier, Topology
+from zetta_ray.quantities import format_amount
 
 __all__ = ["format_plan", "plan_document"]
 
@@ -90,13 +91,6 @@ def plan_document(
     return doc
 
 
-def _bytes(n: float) -> str:
-    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g} {prefix}B"
-    return f"{n:.3g} B"
-
-
 def _secs(s: float) -> str:
     if s == 0:
         return "0 s"
@@ -132,14 +126,14 @@ def _expert_row(row: dict[str, Any]) -> list[str]:
         if link["kind"] == "tokens":
             tokens[link["tier"]] = tokens.get(link["tier"], 0.0) + link["bytes"]
         else:
-            snaps.append(f"{link['tier']} {_bytes(link['bytes'])} to {_short(link['peer_node'])}")
+            snaps.append(f"{link['tier']} {format_amount(link['bytes'])} to {_short(link['peer_node'])}")
     return [
         f"L{row['layer']}/E{row['expert']}",
         str(row["unit"]),
         row["kind"],
         _short(row["node"]),
         f"{row['load']:.1%}",
-        ", ".join(f"{tier} {_bytes(b)}" for tier, b in tokens.items()),
+        ", ".join(f"{tier} {format_amount(b)}" for tier, b in tokens.items()),
         "; ".join(snaps) or "-",
     ]
 
@@ -154,7 +148,7 @@ def _header_lines(doc: dict[str, Any]) -> list[str]:
     dense = "; ".join(f"unit {d['unit']} ({d['kind']}, node {_short(d['node'])})" for d in doc["dense"])
     replicas = w["replicas"]
     snapshots = (
-        f"{_count(replicas, 'snapshot replica')} per expert ({_bytes(w['snapshot_bytes'])} each)"
+        f"{_count(replicas, 'snapshot replica')} per expert ({format_amount(w['snapshot_bytes'])} each)"
         if replicas
         else "no snapshot replicas"
     )
@@ -174,13 +168,13 @@ def _tier_lines(doc: dict[str, Any]) -> list[str]:
     rows = [
         [
             r["tier"],
-            "-" if r["bandwidth_bytes_per_s"] is None else _bytes(r["bandwidth_bytes_per_s"]) + "/s",
+            "-" if r["bandwidth_bytes_per_s"] is None else format_amount(r["bandwidth_bytes_per_s"]) + "/s",
             _secs(r["latency_s"]) if r["latency_s"] else "-",
             f"{r['edges']:,}",
-            _bytes(r["token_bytes"]),
-            _bytes(r["snapshot_bytes"]),
-            _bytes(r["token_bytes"] + r["snapshot_bytes"]),
-            _bytes(rr.get(r["tier"], 0.0)) if rr else "-",
+            format_amount(r["token_bytes"]),
+            format_amount(r["snapshot_bytes"]),
+            format_amount(r["token_bytes"] + r["snapshot_bytes"]),
+            format_amount(rr.get(r["tier"], 0.0)) if rr else "-",
         ]
         for r in doc["link_tiers"]
     ]

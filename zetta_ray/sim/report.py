@@ -12,16 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from zetta_ray.quantities import format_amount
 from zetta_ray.sim.simulate import simulate
 
 __all__ = ["format_report", "main_simulate", "render"]
-
-
-def _si(x: float, unit: str) -> str:
-    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g} {prefix}{unit}"
-    return f"{x:.3g} {unit}"
 
 
 def _seconds(x: float) -> str:
@@ -37,11 +31,12 @@ def format_report(result: dict[str, Any]) -> str:
     m, hw, mesh = result["model"], result["hardware"], result["mesh"]
     lines = [
         f"zetta-ray simulate: {result['name']}",
-        f"  model     {m['kind']}, {_si(m['total_params'], 'params')} ({_si(m['active_params'], 'active')}),"
+        f"  model     {m['kind']}, {format_amount(m['total_params'], 'params')}"
+        f" ({format_amount(m['active_params'], 'active')}),"
         f" {m['layers']} layers, hidden {m['hidden']}"
         + (f", {m['n_experts']} experts top-{m['top_k']}" if m["kind"] == "moe" else ""),
         f"  machine   {hw['units']:,} x {hw['unit']} ({hw['name']}, {hw['precision']}), tiers "
-        + ", ".join(f"{t['name']} {_si(t['bandwidth_bytes_per_s'], 'B/s')}" for t in hw["tiers"]),
+        + ", ".join(f"{t['name']} {format_amount(t['bandwidth_bytes_per_s'], 'B/s')}" for t in hw["tiers"]),
         f"  mesh      tp {mesh['tp']} x pp {mesh['pp']} x dp {mesh['dp']}"
         f" (ep {mesh['ep']}, v {mesh['virtual_stages']}),"
         f" micro-batch {mesh['micro_batch']} x {mesh['micro_batches']}, batch {mesh['global_batch']:,},"
@@ -49,11 +44,13 @@ def format_report(result: dict[str, Any]) -> str:
         + (" [auto]" if mesh["auto"] else ""),
         f"            {mesh['units_used']:,} units used, {mesh['spare_units']:,} spare",
         f"  step      {_seconds(result['step_time_s'])}, MFU {result['mfu']:.1%}, "
-        f"{_si(result['tokens_per_s'], 'tokens/s')}",
+        f"{format_amount(result['tokens_per_s'], 'tokens/s')}",
         f"  memory    {result['memory_per_unit_bytes'] / 1e9:.1f} GB on the fullest unit "
         f"(of {hw['hbm_bytes_per_unit'] / 1e9:.0f} GB)",
         "  traffic   per unit per step: "
-        + ", ".join(f"{k} {_si(v, 'B')}" for k, v in result["bytes_per_tier_per_unit"].items() if v > 0),
+        + ", ".join(
+            f"{k} {format_amount(v, 'B')}" for k, v in result["bytes_per_tier_per_unit"].items() if v > 0
+        ),
     ]
     opt = result.get("optical")
     if opt:
