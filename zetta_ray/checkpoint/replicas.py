@@ -1,11 +1,13 @@
-"""Where a unit's snapshot replicas go: R distinct nodes, away from the unit, spread over racks.
+"""Where a unit's snapshot replicas go on the live cluster: R distinct nodes, away from the unit, spread
+over racks.
 
-A replica protects against the failures it does not share with the unit. On the unit's own node it
-survives only the unit's process dying, not the node; in the unit's rack it survives a node failure but
-not a rack failure (power, top-of-rack switch). So ``choose_replica_nodes`` ranks candidate nodes by
+The failure-domain rule (``zetta_ray/failure_domains.py``) says where a replica may sit; a running job
+degrades rather than stops, so here it orders the candidates instead of excluding them. On the unit's
+own node a replica survives only the unit's process dying, not the node; in the unit's rack it survives
+a node failure but not a rack failure. So ``choose_replica_nodes`` ranks candidate nodes by
 
 1. not the unit's node (never chosen while any other node exists),
-2. not the unit's rack,
+2. allowed by the whole rule (not the unit's rack),
 3. a rack no earlier replica of this unit uses (so R replicas span up to R racks),
 4. a rotation of the sorted node list by ``key`` (pass the unit's index), so that the units of one node
    do not all send their replicas to the same few nodes.
@@ -25,6 +27,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 
 from zetta_ray.errors import ConfigError, ReplicaPlacementError
+from zetta_ray.failure_domains import replica_allowed
 
 __all__ = ["choose_replica_nodes"]
 
@@ -65,7 +68,8 @@ def choose_replica_nodes(
             "empty. Start MemoryPool actors (or add nodes) before placing snapshot replicas."
         )
     rack = _rack_lookup(racks, [*pool, unit_node])
-    others = [n for n in pool if n != unit_node]
+    home = {"unit_node": unit_node, "unit_rack": rack(unit_node)}
+    others = [n for n in pool if replica_allowed(n, rack(n), **home, rack_rule=False)]
     if len(others) < replicas:
         msg = (
             f"replicas={replicas} needs {replicas} nodes other than the unit's node {unit_node!r}, but "
@@ -85,9 +89,13 @@ def choose_replica_nodes(
     used_racks: set[str] = set()
     remaining = list(others)
     for _ in range(min(replicas, len(others))):
-        best = min(
+        best = min(  # allowed by the whole rule first, then a rack no replica uses yet
             remaining,
-            key=lambda n: (rack(n) == rack(unit_node), rack(n) in used_racks, order[n]),
+            key=lambda n: (
+                not replica_allowed(n, rack(n), **home, rack_rule=True),
+                rack(n) in used_racks,
+                order[n],
+            ),
         )
         chosen.append(best)
         used_racks.add(rack(best))

@@ -1,10 +1,12 @@
-"""Snapshot replicas onto memory pools, under the failure-domain rule.
+"""Snapshot replicas onto memory pools, under the failure-domain rule (``zetta_ray/failure_domains.py``).
 
 After every step (or every ``snapshot_every`` steps) each expert copies its state to ``replicas`` memory
 pools. A replica must survive what kills its expert: it never sits on the expert's node, nor in the
 expert's rack when the machine's pools span more than one rack, and the replicas of one expert sit on
-distinct nodes. Among the allowed pools the ``best`` policy takes the one that least raises the slower of
-(the expert unit's snapshot port time, the pool's write time); ties go to the nearer, less loaded pool.
+distinct nodes. The plan applies the rule strictly: a replica no pool can take fails the plan.
+
+Among the allowed pools the ``best`` policy takes the one that least raises the slower of (the expert
+unit's snapshot port time, the pool's write time); ties go to the nearer, less loaded pool.
 
 Speed: a pool in another pod costs at least the fabric link, so the expert's own pod is scored first and
 the whole machine only when a remote pool could tie or win. The answer is the same; the work per
@@ -17,6 +19,7 @@ from typing import Literal
 
 import numpy as np
 
+from zetta_ray.failure_domains import most_replicas, replica_allowed, spans_racks
 from zetta_ray.placement.cost import Workload
 from zetta_ray.placement.plan import InfeasiblePlacementError
 from zetta_ray.placement.topology import Tier, Topology
@@ -39,11 +42,7 @@ def default_replicas(topology: Topology) -> int:
     stays eligible for experts, whatever its rack.
     """
     t = topology
-    pool_nodes = np.unique(t.pool_node_P)
-    if len(np.unique(t.pool_rack_P)) > 1:
-        room = len(pool_nodes) - int(np.bincount(t.node_rack_N[pool_nodes]).max())
-    else:
-        room = len(pool_nodes) - 1
+    room = most_replicas(t.node_rack_N[np.unique(t.pool_node_P)].tolist())
     return max(0, min(MAX_DEFAULT_REPLICAS, room))
 
 
@@ -127,7 +126,7 @@ class _Pools:
         self.load_P = np.zeros(t.n_pools)
         self.write_P = per_step / t.pool_bandwidth_P
         self.link_T = per_step / t.links.bandwidth_T
-        self.rack_rule = len(np.unique(t.pool_rack_P)) > 1
+        self.rack_rule = spans_racks(np.unique(t.pool_rack_P).tolist())
         pool_pod_P = t.rack_pod_R[t.pool_rack_P]
         self.by_pod = np.argsort(pool_pod_P, kind="stable")
         self.bounds = np.searchsorted(pool_pod_P[self.by_pod], np.arange(t.n_pods + 1))
@@ -138,13 +137,15 @@ class _Pools:
 
     def allowed(self, idx: np.ndarray, node: int, rack: int, taken: list[int]) -> np.ndarray:
         """The pools of ``idx`` with room, off ``node`` (and ``rack``, by the rule) and ``taken`` nodes."""
-        node_P = self.t.pool_node_P[idx]
-        ok = (self.free_P[idx] >= self.size) & (node_P != node)
-        if self.rack_rule:
-            ok &= self.t.pool_rack_P[idx] != rack
-        for other in taken:
-            ok &= node_P != other
-        return idx[ok]
+        ok = replica_allowed(
+            self.t.pool_node_P[idx],
+            self.t.pool_rack_P[idx],
+            unit_node=node,
+            unit_rack=rack,
+            taken=taken,
+            rack_rule=self.rack_rule,
+        )
+        return idx[ok & (self.free_P[idx] >= self.size)]
 
     def best(self, idx: np.ndarray, unit: int, node: int) -> tuple[float, int]:
         """The lowest score among ``idx`` and the pool that has it (ties: nearer, then less loaded)."""
