@@ -8,28 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from zetta_ray.checks import check, is_int, is_number, positive_int
 from zetta_ray.errors import ConfigError
 
 __all__ = ["MoEConfig", "RuntimeConfig", "TrainConfig", "from_mapping"]
-
-
-def _check(ok: bool, cls: str, field: str, value: Any, fix: str) -> None:
-    if not ok:
-        raise ConfigError(f"{cls}.{field}={value!r} is invalid: {fix}")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _positive_int(cls: str, name: str, value: Any) -> None:
-    _check(
-        isinstance(value, int) and not isinstance(value, bool) and value > 0,
-        cls,
-        name,
-        value,
-        "must be a positive integer",
-    )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -57,32 +39,29 @@ class MoEConfig:
     def __post_init__(self) -> None:
         c = "MoEConfig"
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_experts", "top_k", "d_ff", "seq_len"):
-            _positive_int(c, name, getattr(self, name))
-        _check(
+            positive_int(f"{c}.{name}", getattr(self, name))
+        check(
             self.d_model % self.n_heads == 0,
-            c,
-            "d_model",
+            f"{c}.d_model",
             self.d_model,
             f"must be divisible by n_heads ({self.n_heads}); pick d_model as a multiple of n_heads",
         )
-        _check(
+        check(
             self.top_k <= self.n_experts,
-            c,
-            "top_k",
+            f"{c}.top_k",
             self.top_k,
             f"must be <= n_experts ({self.n_experts})",
         )
-        _check(
-            self.capacity_factor is None or (_is_number(self.capacity_factor) and self.capacity_factor > 0),
-            c,
-            "capacity_factor",
+        check(
+            self.capacity_factor is None or (is_number(self.capacity_factor) and self.capacity_factor > 0),
+            f"{c}.capacity_factor",
             self.capacity_factor,
             "must be a positive number, or None for dropless routing",
         )
         for name in ("aux_loss_coef", "z_loss_coef"):
             v = getattr(self, name)
-            _check(_is_number(v) and v >= 0, c, name, v, "must be a number >= 0")
-        _check(_is_number(self.init_std) and self.init_std > 0, c, "init_std", self.init_std, "must be > 0")
+            check(is_number(v) and v >= 0, f"{c}.{name}", v, "must be a number >= 0")
+        check(is_number(self.init_std) and self.init_std > 0, f"{c}.init_std", self.init_std, "must be > 0")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -111,19 +90,17 @@ class RuntimeConfig:
         c = "RuntimeConfig"
         for name in ("deadline_s", "start_deadline_s"):
             v = getattr(self, name)
-            _check(_is_number(v) and v > 0, c, name, v, "must be a number of seconds > 0")
-        _positive_int(c, "threads_per_unit", self.threads_per_unit)
-        _check(
+            check(is_number(v) and v > 0, f"{c}.{name}", v, "must be a number of seconds > 0")
+        positive_int(f"{c}.threads_per_unit", self.threads_per_unit)
+        check(
             isinstance(self.shared_memory, bool),
-            c,
-            "shared_memory",
+            f"{c}.shared_memory",
             self.shared_memory,
             "must be True or False",
         )
-        _check(
-            self.unit_num_cpus is None or (_is_number(self.unit_num_cpus) and self.unit_num_cpus >= 0),
-            c,
-            "unit_num_cpus",
+        check(
+            self.unit_num_cpus is None or (is_number(self.unit_num_cpus) and self.unit_num_cpus >= 0),
+            f"{c}.unit_num_cpus",
             self.unit_num_cpus,
             "must be >= 0, or None to share the cluster's CPUs evenly among the units",
         )
@@ -164,26 +141,23 @@ class TrainConfig:
             "checkpoint_every",
             "pool_bytes",
         ):
-            _positive_int(c, name, getattr(self, name))
-        _check(_is_number(self.lr) and self.lr > 0, c, "lr", self.lr, "must be a number > 0")
-        _check(
-            _is_number(self.weight_decay) and self.weight_decay >= 0,
-            c,
-            "weight_decay",
+            positive_int(f"{c}.{name}", getattr(self, name))
+        check(is_number(self.lr) and self.lr > 0, f"{c}.lr", self.lr, "must be a number > 0")
+        check(
+            is_number(self.weight_decay) and self.weight_decay >= 0,
+            f"{c}.weight_decay",
             self.weight_decay,
             "must be a number >= 0",
         )
-        _check(
-            isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
-            c,
-            "seed",
+        check(
+            is_int(self.seed) and self.seed >= 0,
+            f"{c}.seed",
             self.seed,
             "must be an integer >= 0",
         )
-        _check(
+        check(
             self.data_dir is None or isinstance(self.data_dir, str),
-            c,
-            "data_dir",
+            f"{c}.data_dir",
             self.data_dir,
             "must be a directory path (string) or None for the default cache",
         )

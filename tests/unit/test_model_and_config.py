@@ -7,6 +7,8 @@ import torch
 
 import zetta_ray as zr
 from zetta_ray.errors import ConfigError, UnsupportedError
+from zetta_ray.model_spec import ModelSpec
+from zetta_ray.placement import Workload
 
 pytestmark = pytest.mark.unit
 
@@ -113,3 +115,18 @@ def test_decorated_class_outside_a_mesh_is_a_plain_module():
     assert isinstance(model, zr.MoETransformer)
     assert not isinstance(model, zr.DistributedModule)
     assert MyMoE.__name__ == "MyMoE"
+
+
+def test_moe_config_converts_once_to_the_model_description_and_the_placer_workload():
+    """``MoEConfig`` -> ``ModelSpec`` -> ``Workload``: the simulator and the placer read one description."""
+    cfg = zr.MoEConfig(d_model=64, n_layers=3, n_heads=4, n_experts=8, top_k=2, d_ff=256, seq_len=32)
+    spec = ModelSpec.from_moe_config(cfg)
+    assert (spec.kind, spec.layers, spec.hidden, spec.heads, spec.f) == ("moe", 3, 64, 4, 256)
+    assert (spec.n_experts, spec.top_k, spec.moe_layers, spec.vocab) == (8, 2, 3, cfg.vocab_size)
+    # the description counts the parameters the model has (its layer norms and biases aside)
+    model = zr.MoETransformer(cfg)
+    expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n and n.endswith("weight"))
+    assert expert == spec.expert_params
+    w = Workload.from_moe_config(cfg, tokens_per_step=1024)
+    assert w == Workload.from_model(spec, tokens_per_step=1024)
+    assert (w.n_layers, w.n_experts, w.d_model, w.d_ff, w.params_per_expert) == (3, 8, 64, 256, 2 * 64 * 256)

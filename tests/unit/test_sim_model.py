@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from zetta_ray.errors import ConfigError
-from zetta_ray.sim.model import ModelSpec
+from zetta_ray.model_spec import ModelSpec
 
 pytestmark = pytest.mark.unit
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from zetta_ray.model_spec import ModelSpec
 from zetta_ray.sim import main_simulate, render, simulate
 from zetta_ray.sim.hardware import preset
 from zetta_ray.sim.machine import topology_for
 from zetta_ray.sim.memory import memory_per_unit
-from zetta_ray.sim.model import ModelSpec
 from zetta_ray.sim.parallel import ParallelSpec
 from zetta_ray.sim.step import step
 

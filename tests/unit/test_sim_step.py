@@ -7,9 +7,9 @@ from dataclasses import replace
 import pytest
 
 from zetta_ray.errors import ConfigError
+from zetta_ray.model_spec import ModelSpec
 from zetta_ray.sim.hardware import preset
 from zetta_ray.sim.memory import memory_per_unit
-from zetta_ray.sim.model import ModelSpec
 from zetta_ray.sim.parallel import ParallelSpec
 from zetta_ray.sim.step import step
 

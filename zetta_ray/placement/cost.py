@@ -33,7 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from zetta_ray.checks import check, positive_int
 from zetta_ray.errors import ConfigError
+from zetta_ray.model_spec import ModelSpec
 from zetta_ray.placement.topology import Tier, Topology
 
 if TYPE_CHECKING:
@@ -88,15 +90,11 @@ class Workload:
 
     def __post_init__(self) -> None:
         for name in ("n_experts", "n_layers", "top_k", "d_model", "d_ff", "tokens_per_step", "n_dense"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"Workload.{name}={v!r} is invalid: must be a positive integer")
+            positive_int(f"Workload.{name}", getattr(self, name))
         for name in ("activation_bytes", "param_bytes", "ffn_matrices", "snapshot_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"Workload.{name}={getattr(self, name)!r} is invalid: must be >= 1")
+            check(getattr(self, name) >= 1, f"Workload.{name}", getattr(self, name), "must be >= 1")
         for name in ("optimizer_slots", "replicas", "dense_memory_bytes", "dense_flops_per_step"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"Workload.{name}={getattr(self, name)!r} is invalid: must be >= 0")
+            check(getattr(self, name) >= 0, f"Workload.{name}", getattr(self, name), "must be >= 0")
         if self.top_k > self.n_experts:
             raise ConfigError(f"Workload.top_k={self.top_k} must be <= n_experts ({self.n_experts})")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
@@ -123,29 +121,45 @@ class Workload:
             self.load = load
 
     @classmethod
-    def from_moe_config(cls, cfg: MoEConfig, *, tokens_per_step: int, **overrides: Any) -> Workload:
-        """The workload of ``zr.MoETransformer(cfg)``: one MoE layer per block, a two-matrix expert FFN.
+    def from_model(cls, model: ModelSpec, *, tokens_per_step: int, **overrides: Any) -> Workload:
+        """The workload of ``model`` (the one conversion from the model description to the placer's):
+        its MoE layers, expert shape and routing; ``overrides`` set any other field.
 
-        The dense FLOPs estimate is ``6 * tokens * dense parameters`` (attention projections, router and
-        LM head, forward and backward) plus the attention score matmuls.
+        The dense FLOPs estimate is ``6 * tokens * dense parameters`` (attention projections, dense
+        MLPs, routers and LM head, forward and backward) plus the attention score matmuls; each dense
+        unit holds those parameters with gradients and two moments (fp32) and one sequence of
+        activations.
         """
-        d, n_l = cfg.d_model, cfg.n_layers
-        dense_params = n_l * (4 * d * d + d * cfg.n_experts) + cfg.vocab_size * d
-        dense_flops = 6 * tokens_per_step * dense_params + 12 * n_l * tokens_per_step * cfg.seq_len * d
+        h = model.hidden
+        dense_params = (
+            model.layers * model.attention_params
+            + model.dense_mlp_layers * model.mlp_params
+            + model.moe_layers * h * model.n_experts
+            + model.vocab * h
+        )
+        dense_flops = (
+            6 * tokens_per_step * dense_params + 12 * model.layers * tokens_per_step * model.seq_len * h
+        )
         values: dict[str, Any] = {
-            "n_experts": cfg.n_experts,
-            "n_layers": n_l,
-            "top_k": cfg.top_k,
-            "d_model": d,
-            "d_ff": cfg.d_ff,
+            "n_experts": model.n_experts,
+            "n_layers": model.moe_layers,
+            "top_k": model.top_k,
+            "d_model": h,
+            "d_ff": model.f,
+            "ffn_matrices": model.mlp_matrices,
             "tokens_per_step": tokens_per_step,
-            "capacity_factor": cfg.capacity_factor,
+            "capacity_factor": model.capacity_factor,
             "dense_flops_per_step": float(dense_flops),
-            "dense_memory_bytes": 4 * 4 * (dense_params + cfg.seq_len * d),
+            "dense_memory_bytes": 4 * 4 * (dense_params + model.seq_len * h),
             "activation_bytes": 4,
         }
         values.update(overrides)
         return cls(**values)
+
+    @classmethod
+    def from_moe_config(cls, cfg: MoEConfig, *, tokens_per_step: int, **overrides: Any) -> Workload:
+        """The workload of ``zr.MoETransformer(cfg)``: ``from_model`` of ``ModelSpec.from_moe_config``."""
+        return cls.from_model(ModelSpec.from_moe_config(cfg), tokens_per_step=tokens_per_step, **overrides)
 
     # -- derived per-expert figures (flat ids x = layer * n_experts + expert) --------------------------
 

@@ -7,9 +7,9 @@ unit, bytes per network tier, the gain of per-job optical circuits, the expert p
 ``zetta-ray simulate`` command prints. See ``docs/simulator.md`` for the model and its validation.
 """
 
+from zetta_ray.model_spec import ModelSpec
 from zetta_ray.sim.calibration import CALIBRATED, Efficiency
 from zetta_ray.sim.hardware import PRESETS, Hardware, TierFigures, UnitFigures, preset
-from zetta_ray.sim.model import ModelSpec
 from zetta_ray.sim.parallel import ParallelSpec
 from zetta_ray.sim.report import format_report, main_simulate, render
 from zetta_ray.sim.simulate import simulate

@@ -27,11 +27,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zetta_ray.model_spec import ModelSpec
 from zetta_ray.sim import comm
 from zetta_ray.sim.calibration import Efficiency
 from zetta_ray.sim.comm import Comm
 from zetta_ray.sim.hardware import Hardware
-from zetta_ray.sim.model import ModelSpec
 from zetta_ray.sim.parallel import ParallelSpec
 
 __all__ = ["BlockCost", "block_cost", "logits_cost"]

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from zetta_ray.model_spec import ModelSpec
 from zetta_ray.sim import comm
 from zetta_ray.sim.calibration import CALIBRATED, Efficiency
 from zetta_ray.sim.hardware import Hardware
-from zetta_ray.sim.model import ModelSpec
 from zetta_ray.sim.parallel import ParallelSpec
 from zetta_ray.sim.step import step
 

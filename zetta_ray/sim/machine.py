@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 
+from zetta_ray.model_spec import ModelSpec
 from zetta_ray.placement.cost import Workload
 from zetta_ray.placement.placer import place
 from zetta_ray.placement.plan import PlacementError, PlacerConfig
 from zetta_ray.placement.topology import Topology
 from zetta_ray.sim.hardware import Hardware
-from zetta_ray.sim.model import ModelSpec
 from zetta_ray.sim.parallel import ParallelSpec
 
 __all__ = ["group_workload", "placement_summary", "topology_for"]
@@ -91,16 +91,15 @@ def group_workload(model: ModelSpec, par: ParallelSpec, hw: Hardware) -> Workloa
     if model.load_factor > 1:  # one hot expert per unit-share carries load_factor x its fair share
         load = np.ones(model.n_experts)
         load[::per_unit] = model.load_factor
-    return Workload(
-        n_experts=model.n_experts,
-        n_layers=1,
-        top_k=model.top_k,
-        d_model=model.hidden,
-        d_ff=model.f,
+    return Workload.from_model(  # one layer of the group: its routing is the load above, its memory HBM's
+        model,
         tokens_per_step=max(1, tokens),
+        n_layers=1,
         load=load,
+        capacity_factor=None,
         n_dense=par.ep,
-        ffn_matrices=model.mlp_matrices,
+        dense_flops_per_step=0.0,
+        dense_memory_bytes=0,
         activation_bytes=2,
         param_bytes=4,
         optimizer_slots=2,

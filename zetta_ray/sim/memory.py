@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from zetta_ray.sim.model import ModelSpec
+from zetta_ray.model_spec import ModelSpec
 from zetta_ray.sim.parallel import ParallelSpec
 
 __all__ = ["RESERVED_BYTES", "MemoryReport", "memory_per_unit", "stage_activation_bytes"]

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zetta_ray.checks import positive_int
 from zetta_ray.errors import ConfigError
-from zetta_ray.sim.model import ModelSpec
+from zetta_ray.model_spec import ModelSpec
 
 __all__ = ["RECOMPUTE", "Group", "ParallelSpec"]
 
@@ -61,9 +62,7 @@ class ParallelSpec:
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "dp", "ep", "virtual_stages", "micro_batch", "global_batch"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"parallel.{name}={value!r} is invalid: must be a positive integer")
+            positive_int(f"parallel.{name}", getattr(self, name))
         if self.recompute not in RECOMPUTE:
             raise ConfigError(
                 f"parallel.recompute={self.recompute!r} is invalid: use one of {list(RECOMPUTE)}"

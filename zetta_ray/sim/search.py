@@ -23,10 +23,10 @@ import math
 from dataclasses import dataclass
 
 from zetta_ray.errors import ConfigError
+from zetta_ray.model_spec import ModelSpec
 from zetta_ray.sim.calibration import Efficiency
 from zetta_ray.sim.hardware import Hardware
 from zetta_ray.sim.memory import memory_per_unit
-from zetta_ray.sim.model import ModelSpec
 from zetta_ray.sim.parallel import RECOMPUTE, ParallelSpec
 from zetta_ray.sim.spec import DoesNotFitError, SearchSpec
 from zetta_ray.sim.step import StepReport, step

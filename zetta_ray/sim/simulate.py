@@ -15,11 +15,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from zetta_ray.model_spec import ModelSpec
 from zetta_ray.sim.fabric import circuit_gain
 from zetta_ray.sim.failures import FailureSpec, goodput_global, goodput_trickle, job_mtbf_s
 from zetta_ray.sim.hardware import Hardware
 from zetta_ray.sim.machine import placement_summary
-from zetta_ray.sim.model import ModelSpec
 from zetta_ray.sim.parallel import ParallelSpec
 from zetta_ray.sim.search import search
 from zetta_ray.sim.spec import SimSpec, load_spec, parse_spec

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from zetta_ray.errors import DoesNotFitError, SpecError
+from zetta_ray.model_spec import ModelSpec
 from zetta_ray.sim.calibration import CALIBRATED, Efficiency
 from zetta_ray.sim.failures import FailureSpec
 from zetta_ray.sim.hardware import Hardware, TierFigures, UnitFigures, preset, with_core_taper
 from zetta_ray.sim.memory import memory_per_unit
-from zetta_ray.sim.model import ModelSpec
 from zetta_ray.sim.parallel import ParallelSpec
 
 if sys.version_info >= (3, 11):

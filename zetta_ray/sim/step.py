@@ -23,13 +23,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from zetta_ray.model_spec import ModelSpec
 from zetta_ray.sim import comm
 from zetta_ray.sim.calibration import CALIBRATED, Efficiency
 from zetta_ray.sim.comm import Comm
 from zetta_ray.sim.compute import BYTES, block_cost, embedding_cost, logits_cost
 from zetta_ray.sim.hardware import Hardware
 from zetta_ray.sim.memory import MemoryReport, memory_per_unit, params_per_unit
-from zetta_ray.sim.model import ModelSpec
 from zetta_ray.sim.parallel import Group, ParallelSpec
 
 __all__ = ["StepReport", "step"]

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from zetta_ray.model_spec import ModelSpec
 from zetta_ray.sim.calibration import CALIBRATED, Efficiency
 from zetta_ray.sim.hardware import preset
-from zetta_ray.sim.model import ModelSpec
 from zetta_ray.sim.parallel import ParallelSpec
 from zetta_ray.sim.step import step
 

@@ -1,5 +1,9 @@
 """The shape of a GPT-style transformer, dense or MoE, and what it costs to train per token.
 
+``ModelSpec`` is the one model description: the simulator reads it, the placer's ``Workload`` is made
+from it (``Workload.from_model``), and ``zr.MoEConfig`` converts to it (``ModelSpec.from_moe_config``).
+Pure Python, no Ray.
+
 Symbols (as in Narayanan et al. 2021 and Korthikanti et al. 2022):
     L layers, h hidden, a heads, s sequence length, V vocabulary, f FFN hidden size,
     E experts per MoE block, k experts each token is routed to (top-k).
@@ -16,15 +20,15 @@ plus attention scores ``12 L s h`` (non-causal count), plus the logits ``6 h V``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from zetta_ray.checks import positive_int
 from zetta_ray.errors import ConfigError
 
+if TYPE_CHECKING:
+    from zetta_ray.config import MoEConfig
+
 __all__ = ["ModelSpec"]
-
-
-def _positive(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"model.{name}={value!r} is invalid: must be a positive integer")
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -57,11 +61,11 @@ class ModelSpec:
         if self.kind not in ("dense", "moe"):
             raise ConfigError(f"model.kind={self.kind!r} is invalid: use 'dense' or 'moe'")
         for name in ("layers", "hidden", "heads", "seq_len", "vocab", "n_experts", "top_k", "moe_every"):
-            _positive(name, getattr(self, name))
+            positive_int(f"model.{name}", getattr(self, name))
         if self.ffn_hidden is not None:
-            _positive("ffn_hidden", self.ffn_hidden)
+            positive_int("model.ffn_hidden", self.ffn_hidden)
         if self.kv_heads is not None:
-            _positive("kv_heads", self.kv_heads)
+            positive_int("model.kv_heads", self.kv_heads)
             if self.heads % self.kv_heads:
                 raise ConfigError(
                     f"model.kv_heads={self.kv_heads} must divide heads ({self.heads}): grouped-query "
@@ -89,6 +93,24 @@ class ModelSpec:
             raise ConfigError(
                 f"model.expert_imbalance={self.expert_imbalance!r} must be >= 1 (busiest over mean load)"
             )
+
+    @classmethod
+    def from_moe_config(cls, cfg: MoEConfig) -> ModelSpec:
+        """The shape of ``zr.MoETransformer(cfg)``: every block an MoE of two-matrix (GELU) experts,
+        attention without grouped K/V. The one conversion from the model's config to this description,
+        which the simulator and (through ``placement.Workload.from_model``) the placer read."""
+        return cls(
+            kind="moe",
+            layers=cfg.n_layers,
+            hidden=cfg.d_model,
+            heads=cfg.n_heads,
+            seq_len=cfg.seq_len,
+            vocab=cfg.vocab_size,
+            ffn_hidden=cfg.d_ff,
+            n_experts=cfg.n_experts,
+            top_k=cfg.top_k,
+            capacity_factor=cfg.capacity_factor,
+        )
 
     # ---- shape helpers -------------------------------------------------------------------------------
     @property
