@@ -115,11 +115,7 @@ class Commits:
         for put in self.puts:
             if put.ref not in done:
                 if now - put.sent > self.deadline_s:
-                    logger.warning(
-                        "snapshot of unit %d step %d to %s timed out", put.unit, put.step, put.pool
-                    )
-                    self.broken.add(put.unit)
-                    put.round.lost = True
+                    self._lose(put, "timed out")
                 else:
                     still.append(put)
                 continue
@@ -150,8 +146,7 @@ class Commits:
         """``put``'s pool had no room for it: a record breaks its chain; a full snapshot marks the pool
         full until the next commit (and ``check_room`` stops the job if that lasts)."""
         self.slots.forget(put.pool, put.unit, put.step)
-        self.broken.add(put.unit)
-        put.round.lost = True
+        self._lose(put, None)
         why = str(getattr(e, "cause", e))  # the pool's own message, without Ray's traceback
         if put.base != put.step:
             # a record that does not fit beside its chain: the next full snapshot may evict it
@@ -173,16 +168,8 @@ class Commits:
     def _failed_put(self, put: Put, e: Exception) -> None:
         """``put`` was not stored: the pool or the blob failed. A pool that does not answer is replaced."""
         self.slots.forget(put.pool, put.unit, put.step)
-        self.broken.add(put.unit)
-        put.round.lost = True
+        self._lose(put, f"failed: {str(e).splitlines()[0]}")
         # Not proof the pool died: the unit that made the blob may be the one that did.
-        logger.warning(
-            "snapshot of unit %d step %d to %s failed: %s",
-            put.unit,
-            put.step,
-            put.pool,
-            str(e).splitlines()[0],
-        )
         if put.pool not in self.pools.dead and not self.pools.alive(put.pool):
             self.slots.forget_pool(put.pool)  # it holds nothing now
             self.pools.replace(put.pool, self.liveness.live_nodes)
@@ -202,18 +189,19 @@ class Commits:
         puts, they are not counted as stored (their round stays incomplete, a later one commits)."""
         kept = []
         for put in self.puts:
-            if not doomed(put):
+            if doomed(put):
+                self._lose(put, "abandoned: its unit's or pool's node is dead")
+            else:
                 kept.append(put)
-                continue
-            self.broken.add(put.unit)
-            put.round.lost = True
-            logger.warning(
-                "snapshot of unit %d step %d to %s abandoned: its unit's or pool's node is dead",
-                put.unit,
-                put.step,
-                put.pool,
-            )
         self.puts = kept
+
+    def _lose(self, put: Put, why: str | None) -> None:
+        """``put`` will not be stored: its unit's record chain is broken (the next snapshot is full) and
+        its round incomplete. ``why`` is logged as a warning (None: the caller says it)."""
+        self.broken.add(put.unit)
+        put.round.lost = True
+        if why is not None:
+            logger.warning("snapshot of unit %d step %d to %s %s", put.unit, put.step, put.pool, why)
 
     def commit(self, step: int, units: list[int] | None = None) -> None:
         """Drop what the snapshots of ``step`` (of every unit, or of ``units``) make unnecessary: older
