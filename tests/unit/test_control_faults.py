@@ -80,8 +80,8 @@ def test_many_experts_are_shortened():
 
 
 def test_raylet_probe_tells_a_listening_raylet_from_a_dead_one():
-    """The probe behind ``FaultManager._live_nodes``: a node whose raylet port accepts is alive, one
-    whose port refuses (the raylet was killed; the cluster has not noticed yet) is dead."""
+    """The probe behind ``Liveness.live_nodes`` (control/liveness.py): a node whose raylet port accepts
+    is alive, one whose port refuses (the raylet was killed; the cluster has not noticed yet) is dead."""
     from zetta_ray.control.liveness import raylet_answers
 
     with socket.socket() as listening:
