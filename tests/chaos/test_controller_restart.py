@@ -7,66 +7,36 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import ray
+from helpers import TINY_RUN_STEPS, TINY_RUN_TOML, complete_steps, zetta_ray_command
 
 pytestmark = pytest.mark.chaos
 
-TOML = """
-[model]
-d_model = 32
-n_layers = 2
-n_heads = 2
-n_experts = 4
-d_ff = 64
-seq_len = 32
-
-[train]
-batch_size = 4
-lr = 1e-2
-expert_degree = 2
-corpus_bytes = 200_000
-"""
-STEPS = 10
+STEPS = TINY_RUN_STEPS
 
 
 @pytest.fixture(scope="module")
 def setup(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     root = tmp_path_factory.mktemp("restart")
-    (root / "run.toml").write_text(TOML + f'data_dir = "{root / "corpus"}"\n')
+    (root / "run.toml").write_text(TINY_RUN_TOML + f'data_dir = "{root / "corpus"}"\n')
     return ray.get_runtime_context().gcs_address, root
 
 
 def _cli(address: str, root: Path, *extra: str) -> list[str]:
-    script = shutil.which("zetta-ray", path=str(Path(sys.executable).parent))
-    head = [script] if script else [sys.executable, "-m", "zetta_ray.cli"]
-    return head + [
-        "train",
-        "--config",
-        str(root / "run.toml"),
-        "--steps",
-        str(STEPS),
-        "--address",
-        address,
-        *extra,
-    ]
+    config = ["--config", str(root / "run.toml"), "--steps", str(STEPS), "--address", address]
+    return zetta_ray_command("train", *config, *extra)
 
 
-def _run(args: list[str]) -> dict:
+def _run(args: list[str]) -> subprocess.CompletedProcess:
     done = subprocess.run(args, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
-
-
-def _complete_steps(ckpt: Path) -> list[int]:
-    return sorted(int(d.name.split("-")[1]) for d in ckpt.glob("step-*") if (d / "COMPLETE").exists())
 
 
 def test_controller_killed_then_resumed_is_bitwise_identical(setup):
@@ -78,13 +48,13 @@ def test_controller_killed_then_resumed_is_bitwise_identical(setup):
     args = _cli(address, root, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2")
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
-    while not [s for s in _complete_steps(ckpt) if s >= 4]:
+    while not [s for s in complete_steps(ckpt) if s >= 4]:
         assert proc.poll() is None, "the run ended before it could be killed"
         assert time.monotonic() < deadline, "no checkpoint at step >= 4 in time"
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)  # the controller dies mid-run
     proc.wait(timeout=30)
-    killed_at = max(_complete_steps(ckpt))
+    killed_at = max(complete_steps(ckpt))
     assert killed_at < STEPS
 
     _run(args + ["--resume", "--metrics-json", str(root / "resumed.json")])
@@ -101,7 +71,7 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous(setup):
     ckpt = root / "ckpt2"
     args = _cli(address, root, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "5")
     _run(args)
-    assert _complete_steps(ckpt) == [5, 10]
+    assert complete_steps(ckpt) == [5, 10]
     part = ckpt / "step-000000010" / "unit-0001.safetensors"  # expert state that came from a pool
     data = bytearray(part.read_bytes())
     data[-1] ^= 0xFF  # one flipped bit in the newest checkpoint

@@ -7,24 +7,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import ray
+from helpers import TINY_RUN_STEPS as STEPS
+from helpers import TINY_RUN_TOML, complete_steps, zetta_ray_command
 from ray.job_submission import JobStatus, JobSubmissionClient
 from ray.util.placement_group import placement_group_table
 from ray.util.state import list_actors
-from test_controller_restart import (  # the same tiny run (pytest puts this dir on sys.path)
-    STEPS,
-    TOML,
-    _complete_steps,
-)
-
-import zetta_ray as zr
 
 pytestmark = pytest.mark.chaos
 
@@ -32,26 +25,17 @@ ENDED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
 
 
 @pytest.fixture(scope="module")
-def jobs(tmp_path_factory: pytest.TempPathFactory):
+def jobs(start_ray, tmp_path_factory: pytest.TempPathFactory):
     """A cluster with the dashboard (it hosts the job server), a client for it, and a run directory."""
-    if ray.is_initialized():
-        ray.shutdown()
-    os.environ.pop("RAY_ADDRESS", None)
-    zr.init(num_cpus=2, include_dashboard=True)
+    start_ray(include_dashboard=True)
     root = tmp_path_factory.mktemp("jobs")
-    (root / "run.toml").write_text(TOML + f'data_dir = "{root / "corpus"}"\n')
-    client = JobSubmissionClient("http://" + ray._private.worker.get_dashboard_url())
-    yield client, root
-    ray.shutdown()
+    (root / "run.toml").write_text(TINY_RUN_TOML + f'data_dir = "{root / "corpus"}"\n')
+    return JobSubmissionClient("http://" + ray._private.worker.get_dashboard_url()), root
 
 
 def _submit(client: JobSubmissionClient, root: Path, *extra: str) -> str:
-    script = shutil.which("zetta-ray", path=str(Path(sys.executable).parent))
-    command = [script] if script else [sys.executable, "-m", "zetta_ray.cli"]
-    entrypoint = " ".join(
-        [*command, "train", "--config", str(root / "run.toml"), "--steps", str(STEPS), *extra]
-    )
-    return client.submit_job(entrypoint=entrypoint)
+    command = zetta_ray_command("train", "--config", str(root / "run.toml"), "--steps", str(STEPS), *extra)
+    return client.submit_job(entrypoint=" ".join(command))
 
 
 def _wait(client: JobSubmissionClient, job: str, timeout_s: float = 240) -> JobStatus:
@@ -71,14 +55,14 @@ def test_job_driver_killed_then_resumed_by_a_second_job_is_bitwise_identical(job
     checkpoints = ("--checkpoint-dir", str(ckpt), "--checkpoint-every", "2")
     killed = _submit(client, root, *checkpoints)
     deadline = time.monotonic() + 180
-    while not [s for s in _complete_steps(ckpt) if s >= 4]:
+    while not [s for s in complete_steps(ckpt) if s >= 4]:
         assert client.get_job_status(killed) not in ENDED, client.get_job_logs(killed)[-3000:]
         assert time.monotonic() < deadline, "no checkpoint at step >= 4 in time"
         time.sleep(0.05)
     driver = client.get_job_info(killed).driver_info
     os.kill(int(driver.pid), signal.SIGKILL)  # the controller dies mid-run
     assert _wait(client, killed) == JobStatus.FAILED
-    killed_at = max(_complete_steps(ckpt))
+    killed_at = max(complete_steps(ckpt))
     assert killed_at < STEPS
 
     resumed = _submit(client, root, *checkpoints, "--resume", "--metrics-json", str(root / "resumed.json"))

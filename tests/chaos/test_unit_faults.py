@@ -11,6 +11,7 @@ import time
 import pytest
 import ray
 import torch
+from helpers import tiny_config
 from ray.util.placement_group import placement_group_table
 from ray.util.state import list_actors
 
@@ -24,28 +25,9 @@ FAULT_STEP = 3
 
 
 @pytest.fixture(scope="module")
-def cluster_with_dashboard():
+def cluster_with_dashboard(start_ray):
     """The state API (list_actors) needs the dashboard, so this module starts its own cluster."""
-    if ray.is_initialized():
-        ray.shutdown()
-    os.environ.pop("RAY_ADDRESS", None)
-    zr.init(num_cpus=2, include_dashboard=True)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the units' thread count: same reduction order on both sides
-    yield
-    torch.set_num_threads(before)
-
-
-def _config() -> zr.MoEConfig:
-    return zr.MoEConfig(
-        vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_experts=8, top_k=2, d_ff=64, seq_len=16
-    )
+    start_ray(include_dashboard=True)
 
 
 def _batch(step: int) -> torch.Tensor:
@@ -56,7 +38,7 @@ def _train(fault=None, runtime=None, checkpoint=None) -> tuple[dict[str, torch.T
     """Six AdamW steps; ``fault(dmodel, step, phase)`` runs at every step before forward, before backward
     and after the optimizer step (it acts where it wants)."""
     torch.manual_seed(0)
-    model = zr.MoETransformer(_config())
+    model = zr.MoETransformer(tiny_config())
     with zr.parallelize(model, zr.ExpertParallel(degree=4), runtime=runtime, checkpoint=checkpoint) as dm:
         opt = dm.optimizer(torch.optim.AdamW, lr=1e-2)
         for step in range(STEPS):
@@ -220,7 +202,7 @@ def test_memory_pool_killed_then_a_unit(fault_free):
 def _unit_param_bytes() -> int:
     """Parameter bytes of one unit's experts (a gradient record is about this, a full AdamW snapshot
     about three times it)."""
-    model = zr.MoETransformer(_config())
+    model = zr.MoETransformer(tiny_config())
     experts = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
     return experts // 4
 
@@ -241,7 +223,9 @@ def test_pools_that_never_hold_every_units_full_snapshot_stop_training_naming_th
     chains' worth of steps, instead of going on with nothing committed and the journal growing."""
     torch.manual_seed(0)
     config = zr.TrickleCheckpoint(full_every=2, pool_bytes=6 * _unit_param_bytes())
-    with zr.parallelize(zr.MoETransformer(_config()), zr.ExpertParallel(degree=4), checkpoint=config) as dm:
+    with zr.parallelize(
+        zr.MoETransformer(tiny_config()), zr.ExpertParallel(degree=4), checkpoint=config
+    ) as dm:
         opt = dm.optimizer(torch.optim.AdamW, lr=1e-2)
         with pytest.raises(RecoveryFailed, match=r"no snapshot was committed.*pool_bytes") as failed:
             for step in range(12):

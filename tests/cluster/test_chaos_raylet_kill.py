@@ -18,7 +18,7 @@ import pytest
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from zetta_ray.chaos import ClusterNodeKiller, RayletKiller, local_cluster
+from zetta_ray.chaos import ClusterNodeKiller, RayletKiller
 from zetta_ray.cli import main
 from zetta_ray.errors import ConfigError
 
@@ -46,11 +46,8 @@ def _wait_dead(node_id: str, timeout_s: float = 20.0) -> float:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    if ray.is_initialized():
-        ray.shutdown()
-    with local_cluster(3, units={"npu": 2}) as c:
-        yield c
+def cluster(start_nodes):
+    return start_nodes(3, units={"npu": 2}).cluster
 
 
 def test_the_driver_node_is_never_killed(cluster):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 
 import pytest
-import ray
 import torch
+from helpers import tiny_config
 from ray.cluster_utils import Cluster
 from ray.util.placement_group import placement_group_table
 
@@ -25,21 +25,16 @@ FAULT_STEP = 2
 
 
 @pytest.fixture(scope="module")
-def npu_cluster():
+def npu_cluster(start_nodes, one_thread):
     """Head (1 CPU, no npu) and three nodes with 2 npu each; Ray's health checks (see the docstring)."""
-    if ray.is_initialized():
-        ray.shutdown()
-    torch.set_num_threads(1)
-    with zr.chaos.local_cluster(workers=3, units={"npu": 2}, system_config=None) as c:
-        yield c, list(c.worker_nodes)
+    nodes = start_nodes(3, units={"npu": 2}, system_config=None)
+    return nodes.cluster, nodes.workers
 
 
 def _train(fault=None, after_step=None) -> tuple[dict[str, torch.Tensor], list, dict]:
     """Train STEPS steps; ``fault(dm)`` runs in FAULT_STEP between forward and backward,
     ``after_step(dm, step)`` after every optimizer step."""
-    cfg = zr.MoEConfig(
-        vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_experts=4, top_k=2, d_ff=64, seq_len=16
-    )
+    cfg = tiny_config(n_experts=4)
     torch.manual_seed(0)
     model = zr.MoETransformer(cfg)
     request = zr.SliceRequest(units=2, kind="npu", spares=1)

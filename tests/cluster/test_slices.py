@@ -9,6 +9,7 @@ import time
 import pytest
 import ray
 import torch
+from helpers import tiny_config
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
 import zetta_ray as zr
@@ -19,17 +20,9 @@ pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    if ray.is_initialized():
-        ray.shutdown()
-    with zr.chaos.local_cluster(workers=2, units={"npu": 2}) as c:
-        yield c, list(c.worker_nodes)
-
-
-def _config() -> zr.MoEConfig:
-    return zr.MoEConfig(
-        vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_experts=8, top_k=2, d_ff=64, seq_len=16
-    )
+def cluster(start_nodes, one_thread):  # the units run one thread: same reduction order, same bits
+    nodes = start_nodes(2, units={"npu": 2})
+    return nodes.cluster, nodes.workers
 
 
 def _npu_nodes() -> set[str]:
@@ -37,9 +30,8 @@ def _npu_nodes() -> set[str]:
 
 
 def test_units_run_on_the_nodes_their_plan_names_and_training_matches_pytorch(cluster):
-    torch.set_num_threads(1)  # the units run one thread: same reduction order, same bits
     torch.manual_seed(0)
-    reference = zr.MoETransformer(_config())
+    reference = zr.MoETransformer(tiny_config())
     model = copy.deepcopy(reference)
     g = torch.Generator().manual_seed(5)
     data = [torch.randint(0, 64, (4, 17), generator=g) for _ in range(2)]
@@ -68,7 +60,7 @@ def test_units_run_on_the_nodes_their_plan_names_and_training_matches_pytorch(cl
 
 
 def test_infeasible_request_fails_fast_naming_what_is_missing(cluster):
-    model = zr.MoETransformer(_config())
+    model = zr.MoETransformer(tiny_config())
     start = time.monotonic()
     with pytest.raises(InfeasibleSliceError) as err:
         zr.parallelize(model, zr.ExpertParallel(degree=8), slice=zr.SliceRequest(units=8, kind="npu"))
@@ -84,7 +76,7 @@ def test_a_second_slice_is_planned_on_the_units_the_first_left_free(cluster):
     """Two modules at once, two npu units each: the second goes to the node the first left free,
     instead of being planned onto the same units and waiting for them until its ready timeout."""
     request = zr.SliceRequest(units=2, kind="npu", ready_timeout_s=10.0)
-    models = [zr.MoETransformer(_config()) for _ in range(2)]
+    models = [zr.MoETransformer(tiny_config()) for _ in range(2)]
     ep = zr.ExpertParallel(degree=2)
     with (
         zr.parallelize(models[0], ep, slice=request, checkpoint=False) as first,
@@ -107,7 +99,7 @@ def test_a_slice_whose_units_stay_busy_fails_after_its_ready_timeout(cluster):
         start = time.monotonic()
         request = zr.SliceRequest(units=2, kind="npu", ready_timeout_s=3.0)
         with pytest.raises(InfeasibleSliceError, match=r"stayed busy for 3 s.*ready_timeout_s"):
-            zr.parallelize(zr.MoETransformer(_config()), zr.ExpertParallel(degree=2), slice=request)
+            zr.parallelize(zr.MoETransformer(tiny_config()), zr.ExpertParallel(degree=2), slice=request)
         assert 3.0 <= time.monotonic() - start < 15
         groups = [g for g in placement_group_table().values() if g["state"] not in ("REMOVED", "CREATED")]
         assert not groups, groups
@@ -125,7 +117,7 @@ def test_removed_node_is_left_out_of_the_next_plan(cluster):
         time.sleep(0.2)
     topology = live_topology([n for n in ray.nodes() if n["Alive"]])
     assert gone not in topology.node_names
-    model = zr.MoETransformer(_config())
+    model = zr.MoETransformer(tiny_config())
     with zr.parallelize(model, zr.ExpertParallel(degree=2), slice=zr.SliceRequest(units=2, kind="npu")) as dm:
         assert {p["node_id"] for p in dm.placement.values()} == {workers[0].node_id}
         x = torch.randint(0, 64, (2, 16))

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import ray
+from helpers import zetta_ray_command
 
 import zetta_ray as zr
 from zetta_ray.trainer import StepMetrics, train
@@ -41,18 +40,13 @@ def address(ray_cluster: None) -> str:
     return ray.get_runtime_context().gcs_address
 
 
-def _zetta_ray() -> list[str]:
-    script = shutil.which("zetta-ray", path=str(Path(sys.executable).parent))
-    return [script] if script else [sys.executable, "-m", "zetta_ray.cli"]
-
-
 def test_train_command_writes_metrics_and_the_loss_falls(address: str, tmp_path: Path) -> None:
     config = tmp_path / "tiny.toml"
     config.write_text(TINY_TOML)
     metrics = tmp_path / "out" / "metrics.json"
     args = ["train", "--config", str(config), "--steps", "25", "--seed", "1", "--address", address]
     args += ["--data-dir", str(tmp_path / "corpus"), "--metrics-json", str(metrics)]
-    done = subprocess.run(_zetta_ray() + args, capture_output=True, text=True, timeout=180)
+    done = subprocess.run(zetta_ray_command(*args), capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("trained 25 steps in "), done.stdout
 
@@ -92,6 +86,6 @@ def test_train_command_passes_pool_bytes_to_the_checkpointing(address: str, tmp_
     config.write_text(TINY_TOML)
     args = ["train", "--config", str(config), "--steps", "2", "--address", address, "--pool-bytes", "1000"]
     args += ["--data-dir", str(tmp_path / "corpus")]
-    done = subprocess.run(_zetta_ray() + args, capture_output=True, text=True, timeout=180)
+    done = subprocess.run(zetta_ray_command(*args), capture_output=True, text=True, timeout=180)
     assert done.returncode == 1, (done.stdout, done.stderr[-3000:])
     assert "step-0 snapshot does not fit" in done.stderr and "pool_bytes" in done.stderr, done.stderr[-3000:]

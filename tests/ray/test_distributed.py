@@ -12,20 +12,13 @@ import torch
 import zetta_ray as zr
 from zetta_ray.errors import DeadlineExceeded, UnitFailed
 
-pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
+# Units run one torch thread each; the reference and the controller run one too (the one_thread
+# fixture), so that every matmul reduces in the same order on both sides. With mismatched thread counts
+# results differ by float rounding (~1e-6), which AdamW's normalisation can lift above 1e-5 on a
+# near-zero gradient.
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster", "one_thread")]
 
 STEPS = 10
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Units run one torch thread each; the reference and the controller run one too, so that every
-    matmul reduces in the same order on both sides. With mismatched thread counts results differ by
-    float rounding (~1e-6), which AdamW's normalisation can lift above 1e-5 on a near-zero gradient."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _config(capacity_factor: float | None) -> zr.MoEConfig:

@@ -9,18 +9,10 @@ import torch
 import zetta_ray as zr
 from zetta_ray.checkpoint import DurableStore
 
-pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
+# one torch thread here (one_thread), as in the units, so that both runs reduce in the same order
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster", "one_thread")]
 
 DEGREE = 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread here, as in the units, so that both runs reduce in the same order."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _model(seed: int) -> zr.MoETransformer:

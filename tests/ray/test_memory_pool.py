@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import ray
-import torch
+from helpers import (
+    UNIT_D,
+    UNIT_KEYS,
+    T,
+    assert_same_units,
+    load_units,
+    train_units,
+    unit_actor,
+    wait_until_dead,
+)
 
-from zetta_ray.actors import ComputeUnit, ComputeUnitActor
+from zetta_ray.actors import ComputeUnit
 from zetta_ray.actors.memory_pool import MemoryPool, MemoryPoolActor, PoolFullError, SnapshotNotHeldError
-from zetta_ray.actors.wire import to_wire
 from zetta_ray.checkpoint import GRADIENT_RECORD, Snapshot, encode_snapshot
 from zetta_ray.errors import ConfigError
 from zetta_ray.experts import ExpertFFN
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
-
-T = 30  # seconds: the deadline of every remote call in this module
-KEYS = [(0, 0), (0, 1), (1, 1)]
-D = 8
 
 
 def _blob(step: int, nbytes: int) -> bytes:
@@ -89,57 +91,11 @@ def test_a_record_never_replaces_a_full_snapshot_and_eviction_keeps_a_record_cha
     assert pool.steps(0) == [6, 7, 8]
 
 
-def _wait_until_dead(actor, timeout_s: float = T) -> None:
-    """Calls to an actor can still run just after ``ray.kill`` or a node's removal: wait until one fails."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            ray.get(actor.ping.remote(), timeout=timeout_s)
-        except ray.exceptions.RayActorError:
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"actor still answers {timeout_s} s after it was killed")
-
-
-def _unit_actor():
-    return ComputeUnitActor.options(num_cpus=0.25).remote(0, {k: ExpertFFN(D, 16).to("meta") for k in KEYS})
-
-
-def _train(units: list, steps: range) -> None:
-    """The same calls to every unit in ``units``: one forward and backward per layer, then the step."""
-    calls = []
-    for step in steps:
-        for layer, (experts, counts) in enumerate([([0, 1], [4, 2]), ([1], [6])]):
-            g = torch.Generator().manual_seed(10 * step + layer)
-            x, dy = torch.randn(6, D, generator=g).numpy(), torch.randn(6, D, generator=g).numpy()
-            for u in units:
-                calls.append(u.forward.remote((step, layer, 0), experts, counts, x, True, step + 1))
-                calls.append(u.backward.remote((step, layer, 0), dy, step + 1))
-        calls += [u.step.remote(step, step + 1) for u in units]
-    ray.get(calls, timeout=T)
-
-
-def _assert_same(a, b) -> None:
-    sa, sb = ray.get([a.state_dict.remote(), b.state_dict.remote()], timeout=T)
-    assert sa.keys() == sb.keys() and all(np.array_equal(sa[k], sb[k]) for k in sa)
-    oa, ob = ray.get([a.optimizer_state_dict.remote(), b.optimizer_state_dict.remote()], timeout=T)
-    assert oa["param_groups"] == ob["param_groups"]
-    assert all(
-        np.array_equal(oa["state"][i][n], ob["state"][i][n]) for i in oa["state"] for n in oa["state"][i]
-    )
-
-
-def test_a_snapshot_held_by_pools_outlives_its_unit_and_restores_bitwise():
-    torch.manual_seed(0)
-    weights = {f"{l}.{e}.{n}": to_wire(t) for l, e in KEYS for n, t in ExpertFFN(D, 16).state_dict().items()}
-    doomed, survivor = _unit_actor(), _unit_actor()
-    pools = [MemoryPoolActor.remote(limit_bytes=2**26, name=f"pool-{i}") for i in range(2)]
-    ray.get(
-        [u.load_state_dict.remote(weights) for u in (doomed, survivor)]
-        + [u.set_optimizer.remote(torch.optim.AdamW, {"lr": 0.02}) for u in (doomed, survivor)],
-        timeout=T,
-    )
-    _train([doomed, survivor], range(3))
+def test_a_snapshot_held_by_pools_outlives_its_unit_and_restores_bitwise(start_pools):
+    doomed, survivor = unit_actor(), unit_actor()
+    pools = list(start_pools({"pool-0": None, "pool-1": None}).values())
+    load_units([doomed, survivor])
+    train_units([doomed, survivor], range(3))
     acks = ray.get(doomed.snapshot_to.remote(3, pools), timeout=T)  # the unit sends the snapshot itself
     nbytes = ray.get(acks, timeout=T)
     expected = ray.get(doomed.snapshot.remote(3), timeout=T)
@@ -147,20 +103,20 @@ def test_a_snapshot_held_by_pools_outlives_its_unit_and_restores_bitwise():
     # Kill the unit that produced (and, through ray.put, owned) the object the pools hold, then fill
     # the object store so that memory Ray had freed would be reused: the pools' arrays must not change.
     ray.kill(doomed, no_restart=True)
-    _wait_until_dead(doomed)
+    wait_until_dead(doomed)
     filler = [ray.put(np.full(2**24, 0xAB, np.uint8)) for _ in range(8)]
     del filler
     copies = ray.get([p.get.remote(0, 3) for p in pools], timeout=T)
     assert encode_snapshot(copies[0]) == encode_snapshot(copies[1]) == encode_snapshot(expected)
-    replacement = _unit_actor()
+    replacement = unit_actor()
     assert ray.get(replacement.restore.remote(pools[1].get.remote(0)), timeout=T) == 3
     assert ray.get(replacement.ping.remote(), timeout=T)["steps_applied"] == 3
     # Encoded, the same copy restores in any process, this one included.
-    local = ComputeUnit(0, {k: ExpertFFN(D, 16).to("meta") for k in KEYS})
+    local = ComputeUnit(0, {k: ExpertFFN(UNIT_D, 16).to("meta") for k in UNIT_KEYS})
     assert local.restore(encode_snapshot(copies[0])) == 3
     restored = ray.get(replacement.state_dict.remote(), timeout=T)
     assert all(np.array_equal(local.state_dict()[k], v) for k, v in restored.items())
-    _train([replacement, survivor], range(3, 5))
-    _assert_same(replacement, survivor)
-    for actor in (replacement, survivor, *pools):
+    train_units([replacement, survivor], range(3, 5))
+    assert_same_units(replacement, survivor)
+    for actor in (replacement, survivor):
         ray.kill(actor)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -16,13 +15,8 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def npu_laptop():
-    if ray.is_initialized():
-        ray.shutdown()
-    os.environ.pop("RAY_ADDRESS", None)
-    zr.init(units={"npu": 4, "gpu": 1, "cpu": 2})
-    yield
-    ray.shutdown()
+def npu_laptop(start_ray):
+    start_ray(units={"npu": 4, "gpu": 1, "cpu": 2})
 
 
 def test_declared_units_are_cluster_resources_and_slices_use_them(npu_laptop):

@@ -156,11 +156,8 @@ def _run(kill_at: int | None) -> tuple[ComputeUnit, list[object]]:
 
 
 @pytest.fixture(scope="module")
-def reference():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield _run(kill_at=None)
-    torch.set_num_threads(before)
+def reference(one_thread):
+    return _run(kill_at=None)
 
 
 @pytest.mark.parametrize("kill_at", range(len(_events())))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import two_node_spec
 
 import zetta_ray as zr
 from zetta_ray.errors import ConfigError
@@ -13,22 +14,9 @@ from zetta_ray.placement.cost import SNAPSHOT, TOKENS
 pytestmark = pytest.mark.unit
 
 # node 0: unit 0 gpu (1 MFLOP/s), unit 1 npu (2 MFLOP/s); node 1: unit 2 npu (1 MFLOP/s). One rack.
-TINY = {
-    "links": {"node": {"bandwidth": 1e9, "latency": 1e-6}, "rack": {"bandwidth": 5e8, "latency": 2e-6}},
-    "nodes": [
-        {
-            "units": [
-                {"kind": "gpu", "flops": 1e6, "memory": 1e9},
-                {"kind": "npu", "flops": 2e6, "memory": 1e9},
-            ],
-            "pools": [{"memory": 1e12, "bandwidth": 1e9}],
-        },
-        {
-            "units": [{"kind": "npu", "flops": 1e6, "memory": 1e9}],
-            "pools": [{"memory": 1e12, "bandwidth": 1e9}],
-        },
-    ],
-}
+TINY = two_node_spec(
+    links={"node": {"bandwidth": 1e9, "latency": 1e-6}, "rack": {"bandwidth": 5e8, "latency": 2e-6}}
+)
 
 
 def tiny_workload(**overrides) -> Workload:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import two_node_spec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -216,23 +217,7 @@ def test_beats_round_robin_and_random_where_things_are_uneven(machine, n_experts
 
 def test_a_hand_checked_plan():
     # node 0: unit 0 gpu, unit 1 fast npu; node 1: unit 2 slow npu. One hot and one cold expert.
-    t = Topology.from_spec(
-        {
-            "nodes": [
-                {
-                    "units": [
-                        {"kind": "gpu", "flops": 1e6, "memory": 1e9},
-                        {"kind": "npu", "flops": 2e6, "memory": 1e9},
-                    ],
-                    "pools": [{"memory": 1e12, "bandwidth": 1e9}],
-                },
-                {
-                    "units": [{"kind": "npu", "flops": 1e6, "memory": 1e9}],
-                    "pools": [{"memory": 1e12, "bandwidth": 1e9}],
-                },
-            ]
-        }
-    )
+    t = Topology.from_spec(two_node_spec())
     w = Workload(
         n_experts=2,
         top_k=1,

@@ -13,18 +13,10 @@ from zetta_ray.actors.wire import to_wire
 from zetta_ray.checkpoint import CorruptCheckpointError, decode_snapshot, encode_snapshot
 from zetta_ray.experts import ExpertFFN
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 KEYS = [(0, 1), (0, 3), (1, 0)]
 D = 4
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _skeletons() -> dict[tuple[int, int], torch.nn.Module]:

@@ -1,0 +1,150 @@
+"""What several test modules share: the tiny models and run configs, the CLI command, one torch thread,
+and the unit-actor drill of the pool tests. Importable as ``helpers`` (pyproject's ``pythonpath``); no
+test module imports another. The cluster fixtures are in tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+import zetta_ray as zr
+from zetta_ray.actors import ComputeUnitActor
+from zetta_ray.actors.wire import to_wire
+from zetta_ray.experts import ExpertFFN
+
+T = 30  # seconds: the deadline of a remote call in the pool tests
+
+#: A ``zetta-ray train`` run small enough for a test: two layers of four experts over two units, run for
+#: ``TINY_RUN_STEPS`` steps by the tests that kill its controller or submit it as a job.
+TINY_RUN_STEPS = 10
+TINY_RUN_TOML = """
+[model]
+d_model = 32
+n_layers = 2
+n_heads = 2
+n_experts = 4
+d_ff = 64
+seq_len = 32
+
+[train]
+batch_size = 4
+lr = 1e-2
+expert_degree = 2
+corpus_bytes = 200_000
+"""
+
+
+def tiny_config(**overrides: Any) -> zr.MoEConfig:
+    """The tiny ``MoETransformer`` the fault and slice tests train: two layers, eight experts, d_model 32."""
+    values = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_experts=8, top_k=2, d_ff=64, seq_len=16)
+    return zr.MoEConfig(**{**values, **overrides})
+
+
+def two_node_spec(**extra: object) -> dict[str, object]:
+    """The hand-checked machine of the placement tests: node 0 has unit 0 (gpu, 1 MFLOP/s) and unit 1
+    (npu, 2 MFLOP/s), node 1 has unit 2 (npu, 1 MFLOP/s); a 1 TB pool on each; one rack. ``extra`` adds
+    keys of ``Topology.from_spec`` (``links``)."""
+    unit = {"memory": 1e9}
+    pool = {"memory": 1e12, "bandwidth": 1e9}
+    nodes = [
+        {
+            "units": [{"kind": "gpu", "flops": 1e6, **unit}, {"kind": "npu", "flops": 2e6, **unit}],
+            "pools": [pool],
+        },
+        {"units": [{"kind": "npu", "flops": 1e6, **unit}], "pools": [pool]},
+    ]
+    return {**extra, "nodes": nodes}
+
+
+def zetta_ray_command(*args: str) -> list[str]:
+    """The ``zetta-ray`` command of this environment (its script, else ``python -m zetta_ray.cli``)."""
+    script = shutil.which("zetta-ray", path=str(Path(sys.executable).parent))
+    return [*([script] if script else [sys.executable, "-m", "zetta_ray.cli"]), *args]
+
+
+def complete_steps(checkpoints: Path) -> list[int]:
+    """The steps of the durable checkpoints under ``checkpoints`` that are complete."""
+    return sorted(int(d.name.split("-")[1]) for d in checkpoints.glob("step-*") if (d / "COMPLETE").exists())
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one thread, as the units run: the same reduction order on both sides of a comparison."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# -- the unit-actor drill of tests/ray/test_memory_pool.py and tests/cluster/test_pool_on_other_node.py --
+
+UNIT_KEYS = [(0, 0), (0, 1), (1, 1)]  # (layer, expert) of the experts one test unit hosts
+UNIT_D = 8
+
+
+def unit_actor(**options: Any) -> Any:
+    """A ComputeUnit actor hosting ``UNIT_KEYS`` (quarter of a CPU; ``options`` add Ray actor options)."""
+    skeletons = {k: ExpertFFN(UNIT_D, 16).to("meta") for k in UNIT_KEYS}
+    return ComputeUnitActor.options(num_cpus=0.25, **options).remote(0, skeletons)
+
+
+def load_units(units: list[Any]) -> None:
+    """The same seeded weights and an AdamW into every unit of ``units``."""
+    torch.manual_seed(0)
+    weights = {
+        f"{l}.{e}.{n}": to_wire(t)
+        for l, e in UNIT_KEYS
+        for n, t in ExpertFFN(UNIT_D, 16).state_dict().items()
+    }
+    calls = [u.load_state_dict.remote(weights) for u in units]
+    calls += [u.set_optimizer.remote(torch.optim.AdamW, {"lr": 0.02}) for u in units]
+    ray.get(calls, timeout=T)
+
+
+def train_units(units: list[Any], steps: range) -> None:
+    """The same calls to every unit of ``units``: one forward and backward per layer, then the step."""
+    calls = []
+    for step in steps:
+        for layer, (experts, counts) in enumerate([([0, 1], [4, 2]), ([1], [6])]):
+            g = torch.Generator().manual_seed(10 * step + layer)
+            x, dy = torch.randn(6, UNIT_D, generator=g).numpy(), torch.randn(6, UNIT_D, generator=g).numpy()
+            for u in units:
+                calls.append(u.forward.remote((step, layer, 0), experts, counts, x, True, step + 1))
+                calls.append(u.backward.remote((step, layer, 0), dy, step + 1))
+        calls += [u.step.remote(step, step + 1) for u in units]
+    ray.get(calls, timeout=T)
+
+
+def assert_same_units(a: Any, b: Any) -> None:
+    """Units ``a`` and ``b`` hold bitwise the same parameters and optimizer state."""
+    sa, sb = ray.get([a.state_dict.remote(), b.state_dict.remote()], timeout=T)
+    assert sa.keys() == sb.keys() and all(np.array_equal(sa[k], sb[k]) for k in sa)
+    oa, ob = ray.get([a.optimizer_state_dict.remote(), b.optimizer_state_dict.remote()], timeout=T)
+    assert oa["param_groups"] == ob["param_groups"]
+    assert all(
+        np.array_equal(oa["state"][i][n], ob["state"][i][n]) for i in oa["state"] for n in oa["state"][i]
+    )
+
+
+def wait_until_dead(actor: Any, timeout_s: float = T) -> None:
+    """Calls to an actor can still run just after ``ray.kill`` or a node's removal: wait until one fails."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.ping.remote(), timeout=timeout_s)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"actor still answers {timeout_s} s after it was killed")
