@@ -4,8 +4,8 @@ everything goes (``place``, with ``round_robin`` and ``random_placement`` as bas
 The planning is pure numpy: the live cluster (``Topology.from_ray_nodes(ray.nodes())``, whose entries
 ``ray_nodes.py`` reads as plain dicts) and the zettascale simulator plan with the same classes. One
 file imports Ray, and this ``__init__`` does not import it: ``slices.py``, the slice scheduler, which
-turns a slice plan (``slice_plan.py``, pure) into one Ray placement group. ``report.py`` renders a plan as the ``zetta-ray plan`` report. See docs/placement.md
-for the model.
+turns a slice plan (``slice_plan.py``, pure) into one Ray placement group. ``report.py`` renders a
+plan as the ``zetta-ray plan`` report. See docs/placement.md for the model.
 """
 
 from zetta_ray.placement.baselines import random_placement, round_robin
