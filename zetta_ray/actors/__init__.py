@@ -9,6 +9,9 @@
   protocol (only ``compute_unit.py`` imports it). No Ray.
 - ``shm.py``, ``wire.py``, ``staging.py``: rows and snapshots in shared memory between processes on one
   node, and the array form calls carry. No Ray.
+- ``buckets.py``: ``GradBuckets`` and ``BucketReducer``, the gradient buckets a data-parallel dense
+  replica fills during backward and their reduction in replica order (issue 18's first piece; no unit
+  uses them yet). No Ray.
 
 The classes run in a plain process too (the unit tests build a ``ComputeUnit`` directly).
 """
