@@ -24,6 +24,60 @@ from zetta_ray.experts import ExpertFFN
 
 T = 30  # seconds: the deadline of a remote call in the pool tests
 
+
+class DenseLM(torch.nn.Module):
+    """A tiny dense language model (no MoE layer) for the data-parallel tests: ``logits, loss =
+    model(x, y)`` with ``x``, ``y`` token ids of shape [batch, seq]. Ray pickles it by value for the
+    replicas (``ray.cloudpickle.register_pickle_by_value(helpers)``), as it does a class of a script."""
+
+    def __init__(self, vocab: int = 64, d: int = 32, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = torch.nn.Embedding(vocab, d)
+        self.block = torch.nn.Sequential(
+            torch.nn.LayerNorm(d), torch.nn.Linear(d, 4 * d), torch.nn.GELU(), torch.nn.Linear(4 * d, d)
+        )
+        self.norm = torch.nn.LayerNorm(d)
+        self.head = torch.nn.Linear(d, vocab)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.embed(x)
+        h = h + self.block(h)
+        logits = self.head(self.norm(h))
+        return logits, torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
+def dense_batches(n: int, batch: int = 8, seq: int = 16, vocab: int = 64) -> list[tuple[torch.Tensor, ...]]:
+    g = torch.Generator().manual_seed(7)
+    return [
+        (
+            torch.randint(0, vocab, (batch, seq), generator=g),
+            torch.randint(0, vocab, (batch, seq), generator=g),
+        )
+        for _ in range(n)
+    ]
+
+
+def accumulate_reference(
+    model: torch.nn.Module, batches: list[tuple[torch.Tensor, ...]], world: int, lr: float = 1e-2
+) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """One process doing what ``world`` data-parallel replicas promise: per step, ``(loss_i /
+    world).backward()`` over the shards, then one AdamW step. Returns the step losses (the mean of the
+    shard losses) and the final state."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for x, y in batches:
+        opt.zero_grad()
+        shard_losses = []
+        for xs, ys in zip(x.chunk(world), y.chunk(world), strict=True):
+            _, loss = model(xs, ys)
+            (loss / world).backward()
+            shard_losses.append(loss.item())
+        opt.step()
+        losses.append(float(np.mean(shard_losses)))
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 #: A ``zetta-ray train`` run small enough for a test: two layers of four experts over two units, run for
 #: ``TINY_RUN_STEPS`` steps by the tests that kill its controller or submit it as a job.
 TINY_RUN_STEPS = 10

@@ -15,10 +15,13 @@ for x, y in batches:
 
 from zetta_ray import chaos, data, errors
 from zetta_ray.api import (
+    DataParallel,
+    DataParallelModule,
     DistributedModule,
     DistributedOptimizer,
     ExpertParallel,
     Mesh,
+    PipelineParallel,
     UnitRecord,
     current_mesh,
     init,
@@ -36,6 +39,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "chaos",
+    "DataParallel",
+    "DataParallelModule",
     "DistributedModule",
     "DistributedOptimizer",
     "ExpertFFN",
@@ -44,6 +49,7 @@ __all__ = [
     "MoEConfig",
     "MoELayer",
     "MoETransformer",
+    "PipelineParallel",
     "PlacerConfig",
     "RuntimeConfig",
     "SliceRequest",

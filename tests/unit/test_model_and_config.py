@@ -98,7 +98,10 @@ def test_strategy_and_mesh_validation_without_ray():
         zr.parallelize(model, zr.ExpertParallel(degree=3))
     with pytest.raises(ConfigError, match="no zr.MoELayer"):
         zr.parallelize(torch.nn.Linear(2, 2), zr.ExpertParallel(degree=1))
-    with zr.mesh(expert=2, data=2), pytest.raises(UnsupportedError, match="data=2"):
+    with (
+        zr.mesh(expert=2, data=2),
+        pytest.raises(UnsupportedError, match="DataParallel.degree=2. with ExpertParallel"),
+    ):
         zr.parallelize(model)
     with zr.mesh(expert=2), pytest.raises(ConfigError, match="does not match"):
         zr.parallelize(model, zr.ExpertParallel(degree=4))

@@ -7,7 +7,7 @@ import pytest
 
 from zetta_ray.errors import ConfigError, InfeasibleSliceError
 from zetta_ray.placement import Topology, Workload, zipf_load
-from zetta_ray.placement.slice_plan import SliceRequest, plan_slice
+from zetta_ray.placement.slice_plan import SliceRequest, plan_replica_slice, plan_slice
 
 pytestmark = pytest.mark.unit
 
@@ -86,3 +86,32 @@ def test_request_validation():
         SliceRequest(units=0)
     with pytest.raises(ConfigError, match="spares"):
         SliceRequest(units=1, spares=-1)
+
+
+def _racked(racks: list[str], npus: int = 2) -> Topology:
+    """One node per entry of ``racks`` (its rack's name), each with ``npus`` npu units."""
+    nodes = [
+        {
+            "NodeID": f"n{i}",
+            "Alive": True,
+            "Labels": {"rack": rack},
+            "Resources": {"CPU": 4.0, "npu": float(npus), "memory": 64e9, "object_store_memory": 8e9},
+        }
+        for i, rack in enumerate(racks)
+    ]
+    return Topology.from_ray_nodes(nodes)
+
+
+def test_data_parallel_replicas_spread_over_racks_then_nodes():
+    t = _racked(["a", "a", "b"])
+    plan = plan_replica_slice(t, SliceRequest(units=3, spares=1))
+    nodes = [int(t.unit_node_U[u]) for u in plan.unit_U]
+    racks = [int(t.unit_rack_U[u]) for u in plan.unit_U]
+    assert plan.kind == "npu" and plan.unit_LE == () and plan.placement is None
+    assert len(set(racks[:2])) == 2  # the first two replicas in different racks
+    assert len(set(nodes)) == 3  # no two replicas on one node while nodes are left
+    spare_node = int(t.unit_node_U[plan.spare_U[0]])
+    assert spare_node in nodes and racks.count(int(t.unit_rack_U[plan.spare_U[0]])) == 1  # the thin rack
+    assert plan == plan_replica_slice(t, SliceRequest(units=3, spares=1))  # the same every time
+    with pytest.raises(InfeasibleSliceError, match="needs 7"):
+        plan_replica_slice(t, SliceRequest(units=7, kind="npu"))

@@ -18,6 +18,7 @@ from torch import nn
 
 from zetta_ray.actors.wire import to_wire, tree_from_wire, tree_to_wire
 from zetta_ray.api.cluster import init
+from zetta_ray.api.lifetime import Lifetime
 from zetta_ray.api.mesh import ExpertParallel
 from zetta_ray.api.optim import DistributedOptimizer
 from zetta_ray.api.units import UnitRecord
@@ -36,13 +37,15 @@ from zetta_ray.runtime import ExpertRuntime, Layout, RemoteExperts
 __all__ = ["DistributedModule"]
 
 
-class DistributedModule:
+class DistributedModule(Lifetime):
     """A model whose MoE experts live on ComputeUnit actors; everything else stays in this process.
 
     Call it as you would call the wrapped module. ``parameters()`` are the local (dense) parameters;
     ``state_dict()`` gathers the whole model under the wrapped module's own keys. Close it (or use it as a
     context manager) to release its actors.
     """
+
+    _gone = "its experts are gone"
 
     def __init__(
         self,
@@ -323,16 +326,6 @@ class DistributedModule:
     def recoveries(self) -> list[RecoveryEvent]:
         """Every unit failure recovered so far: which unit, what failed, where it went, how long it took."""
         return list(self._faults.events) if self._faults is not None else []
-
-    def __enter__(self) -> DistributedModule:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError("this DistributedModule is closed; its experts are gone")
 
 
 def _moe_layers(module: nn.Module, strategy: ExpertParallel) -> list[tuple[str, MoELayer]]:

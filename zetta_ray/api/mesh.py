@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from zetta_ray.errors import ConfigError
 
-__all__ = ["ExpertParallel", "Mesh", "current_mesh", "mesh"]
+__all__ = ["DataParallel", "ExpertParallel", "Mesh", "PipelineParallel", "current_mesh", "mesh"]
 
 
 def _positive(owner: str, name: str, value: object) -> None:
@@ -42,6 +42,37 @@ class ExpertParallel:
 
     def __post_init__(self) -> None:
         _positive("zr.ExpertParallel", "degree", self.degree)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DataParallel:
+    """Train ``degree`` replicas of the dense model, each on an equal shard of every batch (dim 0),
+    with gradients reduced between them (the mean over replicas, in replica order)."""
+
+    degree: int
+
+    def __post_init__(self) -> None:
+        _positive("zr.DataParallel", "degree", self.degree)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PipelineParallel:
+    """Split the model's blocks into ``stages`` pipeline stages fed ``microbatches`` micro-batches per
+    step, on the ``schedule`` ``"1f1b"`` or ``"gpipe"``. Declared here so that a mesh can name it;
+    ``zr.parallelize`` does not run it yet (it raises ``UnsupportedError``)."""
+
+    stages: int
+    microbatches: int | None = None
+    schedule: str = "1f1b"
+
+    def __post_init__(self) -> None:
+        _positive("zr.PipelineParallel", "stages", self.stages)
+        if self.microbatches is not None:
+            _positive("zr.PipelineParallel", "microbatches", self.microbatches)
+        if self.schedule not in ("1f1b", "gpipe"):
+            raise ConfigError(
+                f"zr.PipelineParallel(schedule={self.schedule!r}) is invalid: use '1f1b' or 'gpipe'"
+            )
 
 
 _current: ContextVar[Mesh | None] = ContextVar("zetta_ray_mesh", default=None)

@@ -6,52 +6,118 @@ This module resolves the strategy (against an enclosing ``zr.mesh``) and builds 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from torch import nn
 
+from zetta_ray.api.data_parallel import DataParallelModule
 from zetta_ray.api.distributed import DistributedModule
-from zetta_ray.api.mesh import ExpertParallel, Mesh, current_mesh
+from zetta_ray.api.mesh import DataParallel, ExpertParallel, Mesh, PipelineParallel, current_mesh
 from zetta_ray.checkpoint import TrickleCheckpoint
 from zetta_ray.config import RuntimeConfig
 from zetta_ray.errors import ConfigError, UnsupportedError
+from zetta_ray.experts.moe import MoELayer
 from zetta_ray.placement.plan import PlacerConfig
 from zetta_ray.placement.slice_plan import SliceRequest
 
-__all__ = ["DistributedModule", "parallelize"]
+__all__ = ["DistributedModule", "Strategies", "parallelize", "resolve_strategies"]
 
 
-def _resolve_strategy(strategy: ExpertParallel | None) -> ExpertParallel:
-    m: Mesh | None = current_mesh()
-    if m is not None and (m.data > 1 or m.pipeline > 1):
-        raise UnsupportedError(
-            f"zr.mesh(data={m.data}, pipeline={m.pipeline}): this version of zetta_ray runs expert "
-            "parallelism only; use data=1 and pipeline=1"
-        )
-    if strategy is None:
-        if m is None:
+Strategy = ExpertParallel | DataParallel | PipelineParallel
+
+
+@dataclass(frozen=True, slots=True)
+class Strategies:
+    """The strategies of one ``parallelize`` call, agreed with the enclosing mesh; None: not used."""
+
+    expert: ExpertParallel | None = None
+    data: DataParallel | None = None
+    pipeline: PipelineParallel | None = None
+
+
+_DIMS = (
+    ("expert", ExpertParallel, "degree"),
+    ("data", DataParallel, "degree"),
+    ("pipeline", PipelineParallel, "stages"),
+)
+
+
+def resolve_strategies(module: nn.Module, strategies: tuple[Any, ...]) -> Strategies:
+    """``strategies`` checked (one of each kind at most) and agreed with the enclosing ``zr.mesh``: a
+    strategy must match its mesh dimension (the error names both); a dimension above 1 without its
+    strategy gets a default one (``DataParallel(D)``, ``PipelineParallel(P, microbatches=2*P)``, and
+    ``ExpertParallel(E)``, which a model with MoE layers gets inside any mesh)."""
+    given: dict[str, Any] = {}
+    for s in strategies:
+        dim = next((d for d, cls, _ in _DIMS if isinstance(s, cls)), None)
+        if dim is None:
             raise ConfigError(
-                "zr.parallelize needs a strategy: pass strategy=zr.ExpertParallel(degree=E) or call it "
-                "inside zr.mesh(expert=E)"
+                f"strategy {s!r} is not supported; use zr.ExpertParallel(degree=E), "
+                "zr.DataParallel(degree=D) or zr.PipelineParallel(stages=P)"
             )
-        return ExpertParallel(degree=m.expert)
-    if not isinstance(strategy, ExpertParallel):
-        raise ConfigError(f"strategy={strategy!r} is not supported; use zr.ExpertParallel(degree=E)")
-    if m is not None and m.expert != strategy.degree:
+        if dim in given:
+            raise ConfigError(
+                f"two {type(s).__name__} strategies ({given[dim]!r}, {s!r}); pass one of each kind"
+            )
+        given[dim] = s
+    m: Mesh | None = current_mesh()
+    if m is None and not given:
         raise ConfigError(
-            f"ExpertParallel(degree={strategy.degree}) does not match the enclosing "
-            f"zr.mesh(expert={m.expert}); make them equal"
+            "zr.parallelize needs a strategy: pass zr.ExpertParallel(degree=E) (and/or "
+            "zr.DataParallel(degree=D)), or call it inside zr.mesh(expert=E, data=D)"
         )
-    return strategy
+    if m is not None:
+        for dim, _, field in _DIMS:
+            size = getattr(m, dim)
+            if dim in given and getattr(given[dim], field) != size:
+                raise ConfigError(
+                    f"{given[dim]!r} does not match the enclosing zr.mesh({dim}={size}); make them equal"
+                )
+        if "data" not in given and m.data > 1:
+            given["data"] = DataParallel(degree=m.data)
+        if "pipeline" not in given and m.pipeline > 1:
+            given["pipeline"] = PipelineParallel(stages=m.pipeline, microbatches=2 * m.pipeline)
+        if "expert" not in given and (m.expert > 1 or has_moe_layers(module)):
+            given["expert"] = ExpertParallel(degree=m.expert)
+    return Strategies(**given)
 
 
-def _decorate(cls: type[nn.Module], strategy: ExpertParallel | None, options: dict[str, Any]) -> type:
+def has_moe_layers(module: nn.Module) -> bool:
+    return any(isinstance(m, MoELayer) for m in module.modules())
+
+
+def _build(module: nn.Module, strategies: tuple[Any, ...], options: dict[str, Any]) -> Any:
+    chosen = resolve_strategies(module, strategies)
+    if chosen.pipeline is not None:
+        raise UnsupportedError(
+            f"{chosen.pipeline!r}: pipeline parallelism is declared but does not run in this version of "
+            "zetta_ray; use zr.DataParallel and/or zr.ExpertParallel (zr.mesh(pipeline=1))"
+        )
+    if chosen.data is not None and chosen.expert is not None:
+        raise UnsupportedError(
+            f"{chosen.data!r} with {chosen.expert!r}: data-parallel replicas of a model with MoE layers "
+            "do not run in this version of zetta_ray (data parallelism runs on models without MoE "
+            "layers); use one strategy"
+        )
+    if chosen.data is not None:
+        if has_moe_layers(module):
+            raise UnsupportedError(
+                f"{chosen.data!r} on {type(module).__name__}, which has zr.MoELayer modules: data-parallel "
+                "replicas of a model with MoE layers do not run in this version of zetta_ray; use "
+                "zr.ExpertParallel"
+            )
+        return DataParallelModule(module, chosen.data, **options)
+    return DistributedModule(module, chosen.expert, **options)
+
+
+def _decorate(cls: type[nn.Module], strategies: tuple[Any, ...], options: dict[str, Any]) -> type:
     class Parallelized(cls):  # type: ignore[misc, valid-type]
         def __new__(klass, *args: Any, **kwargs: Any) -> Any:
             module = cls(*args, **kwargs)  # a plain instance: Parallelized.__init__ never runs
             if current_mesh() is None:
                 return module
-            return DistributedModule(module, _resolve_strategy(strategy), **options)
+            return _build(module, strategies, options)
 
     Parallelized.__name__ = cls.__name__
     Parallelized.__qualname__ = cls.__qualname__
@@ -62,21 +128,26 @@ def _decorate(cls: type[nn.Module], strategy: ExpertParallel | None, options: di
 
 def parallelize(
     module: nn.Module | type | None = None,
-    strategy: ExpertParallel | None = None,
-    *,
+    *strategies: Strategy,
+    strategy: Strategy | None = None,
     runtime: RuntimeConfig | None = None,
     slice: SliceRequest | None = None,
     placer: PlacerConfig | None = None,
     checkpoint: TrickleCheckpoint | Literal[False] | None = None,
 ) -> Any:
-    """Distribute a module's experts over compute units.
+    """Distribute a module over compute units.
 
     Three forms:
 
-    * ``zr.parallelize(model, zr.ExpertParallel(degree=4))`` returns a ``DistributedModule``.
+    * ``zr.parallelize(model, zr.ExpertParallel(degree=4))`` returns a ``DistributedModule``, whose MoE
+      experts run on 4 units; ``zr.parallelize(model, zr.DataParallel(degree=2))`` a
+      ``DataParallelModule``, whose 2 units each train a copy of the model on half of every batch.
     * ``@zr.parallelize(strategy=zr.ExpertParallel(degree=4))`` on a class: instances built inside
       ``zr.mesh(...)`` come out distributed; outside a mesh they are plain modules.
-    * Inside ``zr.mesh(expert=E)`` the strategy may be left out: ``ExpertParallel(degree=E)``.
+    * Inside ``zr.mesh(expert=E, data=D)`` the strategies may be left out (see ``resolve_strategies``).
+
+    Strategies compose as ``zr.parallelize(model, *strategies)``; this version runs one at a time
+    (``UnsupportedError`` otherwise) and does not run ``PipelineParallel``.
 
     ``slice`` says what to reserve (unit kind, spares; default: ``degree`` units of the best kind the
     cluster has) and ``placer`` how to place experts on it; the units come from one Ray placement group,
@@ -91,10 +162,11 @@ def parallelize(
     returned ``DistributedModule``.
     """
     options = {"runtime": runtime, "slice": slice, "placer": placer, "checkpoint": checkpoint}
+    strategies = (*strategies, *([strategy] if strategy is not None else []))
     if module is None:
-        return lambda target: parallelize(target, strategy, **options)
+        return lambda target: parallelize(target, *strategies, **options)
     if isinstance(module, type):
-        return _decorate(module, strategy, options)
-    if isinstance(module, DistributedModule):
+        return _decorate(module, strategies, options)
+    if isinstance(module, (DistributedModule, DataParallelModule)):
         raise ConfigError("this module is already distributed; parallelize the plain nn.Module once")
-    return DistributedModule(module, _resolve_strategy(strategy), **options)
+    return _build(module, strategies, options)

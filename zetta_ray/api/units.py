@@ -14,12 +14,15 @@ class UnitRecord:
     Attributes:
         index: the unit's place in ``dmodel.units``: what ``zr.chaos.Kill(target="unit", index=i)``,
             faults and recovery events name.
-        role: what the unit runs. ``"expert"``: it hosts experts of the MoE layers (the only role today).
+        role: what the unit runs. ``"expert"``: it hosts experts of the MoE layers; ``"data"``: it is a
+            data-parallel replica of a dense model (``zr.DataParallel``).
         node_id: the Ray node the unit runs on now (after a recovery: its replacement's node).
-        experts: the ``(layer, expert)`` pairs it hosts, in order.
+        experts: the ``(layer, expert)`` pairs it hosts, in order (none for a ``"data"`` unit).
+        data_rank: a ``"data"`` unit's replica rank (which shard of each batch it trains on); else None.
     """
 
     index: int
     role: str
     node_id: str
     experts: tuple[tuple[int, int], ...]
+    data_rank: int | None = None

@@ -6,6 +6,10 @@ kind to learn where the experts want to be (the units it loads most, then those 
 takes that many units, and lays each layer's experts over them in equal shares, as expert parallelism
 promises: heaviest expert first, onto the unit that would finish its share soonest, ties going to the
 unit with the cheaper link to the dense work. ``slices.py`` turns the plan into a Ray placement group.
+
+A slice of data-parallel dense replicas (``plan_replica_slice``) has no experts to place: its units are
+spread over failure domains, a rack at a time, then a node at a time, so that one failure takes as few
+replicas as it can (a dead replica is rebuilt from a live sibling, so siblings must outlive it).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from zetta_ray.placement.placer import place
 from zetta_ray.placement.plan import Placement, PlacerConfig, finish
 from zetta_ray.placement.topology import Topology
 
-__all__ = ["SlicePlan", "SliceRequest", "plan_slice"]
+__all__ = ["SlicePlan", "SliceRequest", "plan_replica_slice", "plan_slice"]
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -57,14 +61,15 @@ class SlicePlan:
     """The chosen units and the expert layout over them.
 
     ``unit_U[i]`` is the topology unit of compute unit ``i``; ``spare_U`` the units held as spares;
-    ``unit_LE[layer][expert]`` the compute unit (index into ``unit_U``) of each expert.
+    ``unit_LE[layer][expert]`` the compute unit (index into ``unit_U``) of each expert. A slice of dense
+    replicas has no experts: ``unit_LE`` is empty and ``placement`` None.
     """
 
     kind: str
     unit_U: tuple[int, ...]
     spare_U: tuple[int, ...]
     unit_LE: tuple[tuple[int, ...], ...]
-    placement: Placement
+    placement: Placement | None
 
     def node_of(self, topology: Topology, unit: int) -> str:
         return topology.node_name(int(topology.unit_node_U[unit]))
@@ -180,3 +185,40 @@ def _equal_shares(
             taken[u] += 1
         layout.append(tuple(unit_E))
     return tuple(layout)
+
+
+def plan_replica_slice(
+    topology: Topology, request: SliceRequest, config: PlacerConfig | None = None
+) -> SlicePlan:
+    """``request.units`` units of one kind (and its spares) for data-parallel replicas, spread over
+    failure domains: each pick takes the unit whose rack, then node, holds the fewest picks so far
+    (ties: the lower unit id). Replica ``i`` is ``unit_U[i]``, in pick order.
+
+    Raises ``InfeasibleSliceError`` when the machine lacks the units.
+    """
+    kind = _choose_kind(topology, request, config or PlacerConfig())
+    left = topology.units_of_kind(kind).tolist()
+    per_rack: dict[int, int] = {}
+    per_node: dict[int, int] = {}
+    picks: list[int] = []
+    for _ in range(request.units + request.spares):
+        u = min(
+            left,
+            key=lambda u: (
+                per_rack.get(int(topology.unit_rack_U[u]), 0),
+                per_node.get(int(topology.unit_node_U[u]), 0),
+                u,
+            ),
+        )
+        left.remove(u)
+        picks.append(u)
+        rack, node = int(topology.unit_rack_U[u]), int(topology.unit_node_U[u])
+        per_rack[rack] = per_rack.get(rack, 0) + 1
+        per_node[node] = per_node.get(node, 0) + 1
+    return SlicePlan(
+        kind=kind,
+        unit_U=tuple(picks[: request.units]),
+        spare_U=tuple(picks[request.units :]),
+        unit_LE=(),
+        placement=None,
+    )

@@ -24,10 +24,10 @@ from zetta_ray.errors import InfeasibleSliceError
 from zetta_ray.placement.cost import Workload
 from zetta_ray.placement.plan import PlacerConfig
 from zetta_ray.placement.ray_nodes import DEFAULT_KIND_RESOURCES
-from zetta_ray.placement.slice_plan import SlicePlan, SliceRequest, plan_slice
+from zetta_ray.placement.slice_plan import SlicePlan, SliceRequest, plan_replica_slice, plan_slice
 from zetta_ray.placement.topology import Topology
 
-__all__ = ["Slice", "live_topology", "reserve_slice"]
+__all__ = ["Slice", "live_topology", "reserve_replica_slice", "reserve_slice"]
 
 _EPS = 1e-9
 _BUSY_S = 2.0  # a group on free units is ready in well under this (Ray commits it in ~0.1 s)
@@ -118,8 +118,17 @@ def _bundle_resources(kind: str, node: dict[str, Any], unit_cpus: float) -> dict
     return {name: 1.0, **({"CPU": unit_cpus} if unit_cpus else {})}
 
 
-def reserve_slice(request: SliceRequest, workload: Workload, config: PlacerConfig | None = None) -> Slice:
-    """Plan ``request`` on the live cluster and reserve it as one placement group.
+def reserve_replica_slice(request: SliceRequest, config: PlacerConfig | None = None) -> Slice:
+    """A slice for data-parallel dense replicas (``plan_replica_slice``: spread over failure domains),
+    reserved as ``reserve_slice`` reserves one."""
+    return reserve_slice(request, None, config)
+
+
+def reserve_slice(
+    request: SliceRequest, workload: Workload | None, config: PlacerConfig | None = None
+) -> Slice:
+    """Plan ``request`` on the live cluster and reserve it as one placement group (``workload`` None:
+    a slice of dense replicas, with no experts to place).
 
     The plan takes the whole cluster (the same layout every time on the same cluster). When its group is
     not ready within ``_BUSY_S`` (another slice holds some of its units), the slice is planned again on
@@ -132,14 +141,22 @@ def reserve_slice(request: SliceRequest, workload: Workload, config: PlacerConfi
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     cpu_unit = _unit_cpus(request, nodes)
     topology = live_topology(nodes, cpu_unit)
-    plan = plan_slice(topology, workload, request, config)
+
+    def plan_on(t: Topology) -> SlicePlan:
+        return (
+            plan_replica_slice(t, request, config)
+            if workload is None
+            else plan_slice(t, workload, request, config)
+        )
+
+    plan = plan_on(topology)
     start = time.monotonic()
     bundles, pg = _reserve(plan, topology, nodes, request, cpu_unit)
     if not pg.wait(timeout_seconds=_whole_s(min(_BUSY_S, request.ready_timeout_s))):
         remove_placement_group(pg)
         try:
             free = live_topology(_free_nodes(nodes), cpu_unit)
-            topology, plan = free, plan_slice(free, workload, request, config)
+            topology, plan = free, plan_on(free)
         except InfeasibleSliceError:  # busy everywhere it could go: wait for the first plan's units
             pass
         bundles, pg = _reserve(plan, topology, nodes, request, cpu_unit)

@@ -1,0 +1,288 @@
+"""``DataParallelModule``: a dense model trained by data-parallel replicas on ComputeUnit actors.
+
+``zr.parallelize(model, zr.DataParallel(degree=D))`` builds one for a model without MoE layers. This
+process does no model compute: a call splits the batch (dim 0 of every tensor argument) into ``D`` equal
+shards and submits one forward per replica; ``loss.backward()`` and ``opt.step()`` submit the replicas'
+backward and optimizer step and return at once. The replicas reduce their gradients among themselves
+(``actors/dense_replica.py``: buckets sent during backward, the mean in replica order), so no gradient
+byte passes through here; what comes back is one float per replica per step (the shard losses), and
+the logits only when the caller reads them (``RemoteOutput.fetch``).
+
+The step's loss is the mean of the shard losses. With equal shards that is the loss of the whole batch
+for a model whose loss is a mean over the batch, and the update equals one process that accumulates
+``(loss_i / D).backward()`` over the shards and steps once (tests/ray/test_data_parallel.py).
+
+Ray is reached through ``api.cluster.init``, the slice (``placement.slices``) and the replica group
+(``runtime.replicas``); nothing here calls Ray itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from zetta_ray.actors.wire import tree_from_wire
+from zetta_ray.api.cluster import init
+from zetta_ray.api.lifetime import Lifetime
+from zetta_ray.api.mesh import DataParallel
+from zetta_ray.api.units import UnitRecord
+from zetta_ray.checkpoint import TrickleCheckpoint
+from zetta_ray.config import RuntimeConfig
+from zetta_ray.errors import ConfigError, UnsupportedError
+from zetta_ray.placement.plan import PlacerConfig
+from zetta_ray.placement.slice_plan import SliceRequest
+from zetta_ray.placement.slices import Slice, reserve_replica_slice
+from zetta_ray.runtime.calls import Call
+from zetta_ray.runtime.replicas import ReplicaGroup
+
+__all__ = ["DataParallelModule", "RemoteLoss", "RemoteOutput", "ReplicatedOptimizer"]
+
+
+class DataParallelModule(Lifetime):
+    """``degree`` replicas of a dense model on compute units; see the module docstring.
+
+    Use it as the plain module in the training loop::
+
+        logits, loss = dmodel(x, y)     # or loss = dmodel(x, y) for a model that returns its loss
+        loss.backward()
+        opt.step(); opt.zero_grad()     # opt = dmodel.optimizer(torch.optim.AdamW, lr=...)
+        loss.item()                     # the mean of the shard losses
+
+    ``state_dict()`` has the wrapped module's keys. The module is modified in place: its parameters
+    move to the meta device here (the replicas hold them). Close it (or use it as a context manager)
+    to release its actors.
+    """
+
+    _gone = "its replicas are gone"
+
+    def __init__(
+        self,
+        module: nn.Module,
+        strategy: DataParallel,
+        runtime: RuntimeConfig | None = None,
+        slice: SliceRequest | None = None,
+        placer: PlacerConfig | None = None,
+        checkpoint: TrickleCheckpoint | Literal[False] | None = None,
+    ):
+        if checkpoint not in (None, False):
+            raise UnsupportedError(
+                "trickle checkpoints of data-parallel replicas do not run in this version of zetta_ray; "
+                "pass checkpoint=False or leave it out (a dead replica is rebuilt from a live sibling)"
+            )
+        if not any(p.requires_grad for p in module.parameters()):
+            raise ConfigError(f"{type(module).__name__} has no trainable parameter to replicate")
+        self.strategy = strategy
+        self.runtime_config = runtime or RuntimeConfig()
+        self.world = strategy.degree
+        request = slice or SliceRequest(units=self.world, unit_cpus=self.runtime_config.unit_num_cpus)
+        if request.units != self.world:
+            raise ConfigError(
+                f"SliceRequest(units={request.units}) does not match DataParallel(degree={self.world}); "
+                "a slice holds one unit per replica"
+            )
+        init()
+        self._keys = list(module.state_dict().keys())
+        self._slice: Slice = reserve_replica_slice(request, placer)
+        try:
+            options = [self._slice.actor_options(b) for b in self._slice.units]
+            self.replicas = ReplicaGroup(module, self.world, self.runtime_config, options)
+        except BaseException:
+            self._slice.remove()
+            raise
+        module.to("meta")  # the replicas hold the weights now
+        self.module = module
+        self._structure: tuple[int, int] | None = None  # (loss index, number of outputs)
+        self._pending: list[Call] = []  # fire-and-forget calls not yet seen to succeed
+        self._forwards: list[Call] = []  # the last forward's calls
+        self._passes = 0  # backward passes since the last zero_grad
+        self._optimizer: ReplicatedOptimizer | None = None
+        self._closed = False
+
+    # -- what the training loop uses ----------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Forward on every replica's shard; returns the model's outputs as ``RemoteLoss`` (the loss)
+        and ``RemoteOutput`` (each other output), without waiting for the replicas."""
+        self._check_open()
+        self._settle()
+        shards = _shards(args, kwargs, self.world)
+        self._forwards = self.replicas.forward(shards)
+        if self._structure is None:  # the first call: learn what the model returns
+            first = self.replicas.wait(self._forwards)[0]
+            self._structure = (first["loss_index"], first["n_outputs"])
+        loss_index, n = self._structure
+        loss = RemoteLoss(self, self._forwards)
+        if n == 1:
+            return loss
+        return tuple(loss if i == loss_index else RemoteOutput(self, i) for i in range(n))
+
+    def _backward(self) -> None:
+        self._check_open()
+        self._passes += 1
+        self._pending += self.replicas.each("backward", "backward")
+
+    def _step(self) -> None:
+        self._pending += self.replicas.each("step", "optimizer", self._passes)
+        self.replicas.step += 1
+
+    def _zero_grad(self) -> None:
+        self._passes = 0
+        self._pending += self.replicas.each("zero_grad", "control")
+
+    def _settle(self) -> None:
+        """Wait (within the deadline) for the calls sent without waiting; a failure surfaces here."""
+        pending, self._pending = self._pending, []
+        if pending:
+            self.replicas.wait(pending)
+
+    def optimizer(self, optimizer_cls: type[torch.optim.Optimizer], **kwargs: Any) -> ReplicatedOptimizer:
+        """An ``optimizer_cls(**kwargs)`` on every replica, over its copy of the parameters."""
+        self._check_open()
+        self.replicas.wait(self.replicas.each("set_optimizer", "control", optimizer_cls, kwargs))
+        self._optimizer = ReplicatedOptimizer(self)
+        return self._optimizer
+
+    def train(self, mode: bool = True) -> DataParallelModule:
+        self._pending += self.replicas.each("train", "control", mode)
+        return self
+
+    def eval(self) -> DataParallelModule:
+        return self.train(False)
+
+    # -- state ----------------------------------------------------------------------------------------
+
+    @property
+    def units(self) -> list[UnitRecord]:
+        """One record per unit (role ``"data"``, its data rank, the node of its bundle)."""
+        return [
+            UnitRecord(index=r, role="data", node_id=b.node_id, experts=(), data_rank=r)
+            for r, b in enumerate(self._slice.units)
+        ]
+
+    def unit_stats(self) -> list[dict[str, Any]]:
+        """Asks every replica (within the deadline): rank, process id, node, steps applied, epoch."""
+        self._check_open()
+        return self.replicas.wait(self.replicas.each("ping", "control"))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state with the wrapped module's keys, from replica 0 (all replicas agree)."""
+        self._check_open()
+        self._settle()
+        state = self.replicas.state_dict()
+        return {k: torch.from_numpy(np.array(state[k])) for k in self._keys}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self._check_open()
+        missing, unexpected = set(self._keys) - set(state_dict), set(state_dict) - set(self._keys)
+        if missing or unexpected:
+            raise KeyError(
+                f"state dict does not match the model: missing {sorted(missing)[:5]}, unexpected "
+                f"{sorted(unexpected)[:5]}"
+            )
+        tensors = {k: v.detach().cpu().numpy() for k, v in state_dict.items()}
+        self._settle()
+        self.replicas.wait(self.replicas.each("load_state_dict", "control", tensors))
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken so far."""
+        return self.replicas.step
+
+    @property
+    def slice(self) -> Slice:
+        return self._slice
+
+    # -- lifetime -------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Kill the replicas and remove their placement group. Safe to call twice."""
+        if not self._closed:
+            self._closed = True
+            try:
+                self.replicas.close()
+            finally:
+                self._slice.remove()
+
+
+class RemoteLoss:
+    """The step's loss, still on the replicas: ``item()`` / ``float()`` wait for it (the mean of the
+    shard losses, summed in rank order); ``backward()`` starts the replicas' backward."""
+
+    def __init__(self, owner: DataParallelModule, calls: list[Call]):
+        self._owner, self._calls = owner, calls
+        self._value: float | None = None
+
+    def item(self) -> float:
+        if self._value is None:
+            losses = [r["loss"] for r in self._owner.replicas.wait(self._calls)]
+            self._value = float(np.mean(np.asarray(losses, dtype=np.float64)))
+        return self._value
+
+    def __float__(self) -> float:
+        return self.item()
+
+    def backward(self) -> None:
+        if self._calls is not self._owner._forwards:
+            raise RuntimeError("backward() of a loss whose forward is not the module's last one")
+        self._owner._backward()
+
+    def __repr__(self) -> str:
+        value = f"{self._value:.6g}" if self._value is not None else "pending"
+        return f"RemoteLoss({value}, replicas={len(self._calls)})"
+
+
+class RemoteOutput:
+    """An output of the last forward (the logits), left on the replicas until ``fetch()``."""
+
+    def __init__(self, owner: DataParallelModule, index: int):
+        self._owner, self.index = owner, index
+
+    def fetch(self) -> torch.Tensor:
+        """The whole batch's output: every replica's shard, concatenated along dim 0 in rank order."""
+        return torch.from_numpy(self._owner.replicas.output(self.index))
+
+
+class ReplicatedOptimizer:
+    """Looks like a ``torch.optim.Optimizer`` to the loop: each replica steps its own copy, after
+    reducing the gradients with its siblings."""
+
+    def __init__(self, owner: DataParallelModule):
+        self._owner = owner
+
+    def step(self) -> None:
+        self._owner._step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._owner._zero_grad()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Replica 0's optimizer state (every replica holds the same)."""
+        owner = self._owner
+        owner._settle()
+        return tree_from_wire(owner.replicas.wait([owner.replicas.call(0, "optimizer_state", "control")])[0])
+
+
+def _shards(
+    args: tuple[Any, ...], kwargs: dict[str, Any], world: int
+) -> list[tuple[list[Any], dict[str, Any]]]:
+    """Each replica's arguments: every tensor of one dimension or more split along dim 0 into ``world``
+    equal parts (as numpy); everything else passed to every replica as it is."""
+
+    def split(name: str, value: Any) -> list[Any]:
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            return [value] * world
+        n = value.shape[0]
+        if n % world:
+            raise ConfigError(
+                f"{name} has batch size {n} (dim 0 of shape {tuple(value.shape)}), which "
+                f"DataParallel(degree={world}) cannot split into equal shards; use a batch size divisible "
+                f"by {world}"
+            )
+        return [c.contiguous().numpy() for c in value.detach().cpu().chunk(world, dim=0)]
+
+    pos = [split(f"argument {i}", a) for i, a in enumerate(args)]
+    kw = {k: split(f"argument {k!r}", v) for k, v in kwargs.items()}
+    return [([p[r] for p in pos], {k: v[r] for k, v in kw.items()}) for r in range(world)]
