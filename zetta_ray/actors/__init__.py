@@ -9,9 +9,12 @@
   protocol (only ``compute_unit.py`` imports it). No Ray.
 - ``shm.py``, ``wire.py``, ``staging.py``: rows and snapshots in shared memory between processes on one
   node, and the array form calls carry. No Ray.
-- ``buckets.py``: ``GradBuckets`` and ``BucketReducer``, the gradient buckets a data-parallel dense
-  replica fills during backward and their reduction in replica order (issue 18's first piece; no unit
-  uses them yet). No Ray.
+- ``dense_replica.py``: ``DenseReplica`` holds one data-parallel copy of a dense model (forward and
+  backward on its shard, gradient buckets to its peers, reduction, its optimizer); ``DenseReplicaActor``
+  is it as a Ray actor. Touches Ray: ``ray.remote``, ``ray.put`` of each bucket for the peers, the node
+  id in ``ping``.
+- ``buckets.py``: ``GradBuckets`` and ``BucketReducer``, the gradient buckets a dense replica fills
+  during backward and their reduction in replica order. No Ray.
 
 The classes run in a plain process too (the unit tests build a ``ComputeUnit`` directly).
 """
