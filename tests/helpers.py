@@ -30,12 +30,16 @@ class DenseLM(torch.nn.Module):
     model(x, y)`` with ``x``, ``y`` token ids of shape [batch, seq]. Ray pickles it by value for the
     replicas (``ray.cloudpickle.register_pickle_by_value(helpers)``), as it does a class of a script."""
 
-    def __init__(self, vocab: int = 64, d: int = 32, seed: int = 0):
+    def __init__(self, vocab: int = 64, d: int = 32, seed: int = 0, dropout: float = 0.0):
         super().__init__()
         torch.manual_seed(seed)
         self.embed = torch.nn.Embedding(vocab, d)
         self.block = torch.nn.Sequential(
-            torch.nn.LayerNorm(d), torch.nn.Linear(d, 4 * d), torch.nn.GELU(), torch.nn.Linear(4 * d, d)
+            torch.nn.LayerNorm(d),
+            torch.nn.Linear(d, 4 * d),
+            torch.nn.GELU(),
+            torch.nn.Dropout(dropout),
+            torch.nn.Linear(4 * d, d),
         )
         self.norm = torch.nn.LayerNorm(d)
         self.head = torch.nn.Linear(d, vocab)

@@ -87,7 +87,7 @@ class DenseReplica:
         deadline_s: float = 60.0,
     ):
         torch.set_num_threads(threads)
-        torch.manual_seed(seed + rank)  # dropout differs per replica, the same from run to run
+        self.seed = seed
         self.rank, self.world = rank, world
         self.module = module
         self.params = [p for p in module.parameters() if p.requires_grad]
@@ -103,12 +103,16 @@ class DenseReplica:
         self._outputs: list[torch.Tensor] = []
         self._inbox: dict[tuple[int, int], dict[tuple[int, int], np.ndarray]] = {}  # (epoch, pass)
         self._arrived = threading.Condition()
+        self.sent: dict[tuple[int, int], dict[int, np.ndarray]] = {}  # own copies of this epoch, by pass
+        self.state_lock = threading.Lock()  # held while the parameters or the epoch change
 
     # -- dataflow ---------------------------------------------------------------------------------
 
     def forward(self, args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
         """Run the model on this replica's shard (numpy arrays become tensors); keep the graph for
         ``backward``. Returns the loss as a float, where it sits among the outputs, and their shapes."""
+        # dropout: a seed of (run seed, rank, epoch, pass), so that a replayed forward draws the same
+        torch.manual_seed(hash((self.seed, self.rank, self.epoch, self.passes)) & (2**63 - 1))
         tensors = [_tensor(a) for a in args]
         kw = {k: _tensor(v) for k, v in (kwargs or {}).items()}
         loss_index, outputs = split_outputs(self.module(*tensors, **kw))
@@ -137,6 +141,7 @@ class DenseReplica:
         self._loss, self._outputs = None, [o.detach() for o in self._outputs]
 
     def _ready(self, bucket: int, flat: np.ndarray) -> None:
+        self.sent.setdefault((self.epoch, self.passes), {})[bucket] = flat
         if self.send is not None:
             self.send(self.epoch, self.passes, bucket, flat)
 
@@ -181,13 +186,16 @@ class DenseReplica:
             raise RuntimeError(f"replica {self.rank}: step() before set_optimizer()")
         if passes > 0:
             self.reduce(passes)
-        self.optimizer.step()
-        self.steps_applied += 1
+        with self.state_lock:
+            self.optimizer.step()
+            self.steps_applied += 1
 
     def zero_grad(self) -> None:
-        self.module.zero_grad(set_to_none=True)
-        self.epoch += 1
-        self.passes = 0
+        with self.state_lock:
+            self.module.zero_grad(set_to_none=True)
+            self.epoch += 1
+            self.passes = 0
+            self.sent = {}
 
     def train(self, mode: bool) -> None:
         self.module.train(mode)
@@ -211,6 +219,7 @@ class DenseReplica:
             "optimizer": self.optimizer_state(),
             "steps_applied": self.steps_applied,
             "epoch": self.epoch,
+            "training": self.module.training,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -220,9 +229,14 @@ class DenseReplica:
         self.steps_applied = state["steps_applied"]
         self.epoch = state["epoch"]
         self.passes = 0
+        self.module.train(state["training"])
 
     def load_state_dict(self, tensors: dict[str, np.ndarray]) -> None:
         self.module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()})
+
+    def own_buckets(self) -> list[tuple[int, int, int, np.ndarray]]:
+        """This replica's copies of the buckets it sent this epoch: ``(epoch, pass, bucket, flat)``."""
+        return [(e, p, b, flat) for (e, p), held in list(self.sent.items()) for b, flat in list(held.items())]
 
     def ping(self) -> dict[str, Any]:
         return {
@@ -240,17 +254,30 @@ class _ReplicaProcess(DenseReplica):
     def __init__(self, rank: int, world: int, module: nn.Module, **options: Any):
         super().__init__(rank, world, module, send=self._to_peers, **options)
         self.peers: list[Any] = []
+        self._peer_lock = threading.Lock()
 
-    def connect(self, peers: list[Any]) -> None:
-        """The replica actors by rank (this one's own entry is not called)."""
-        self.peers = list(peers)
+    @ray.method(concurrency_group="peers")
+    def connect(self, peers: list[Any], fresh: int | None = None) -> None:
+        """The replica actors by rank (this one's own entry is not called). ``fresh``: the rank of a
+        replacement, which is sent this replica's buckets of this epoch that its predecessor got."""
+        with self._peer_lock:
+            self.peers = list(peers)
+            if fresh is not None and fresh != self.rank:
+                for epoch, passes, bucket, flat in self.own_buckets():
+                    self.peers[fresh].receive.remote(epoch, passes, self.rank, bucket, ray.put(flat))
+
+    @ray.method(concurrency_group="peers")
+    def state(self) -> dict[str, Any]:
+        """As ``DenseReplica.state``, served while this replica may be waiting in its reduction."""
+        return super().state()
 
     def _to_peers(self, epoch: int, passes: int, bucket: int, flat: np.ndarray) -> None:
         self.receive(epoch, passes, self.rank, bucket, flat)
         ref = ray.put(flat)  # once, whatever the number of peers
-        for r, peer in enumerate(self.peers):
-            if r != self.rank:
-                peer.receive.remote(epoch, passes, self.rank, bucket, ref)
+        with self._peer_lock:
+            for r, peer in enumerate(self.peers):
+                if r != self.rank:
+                    peer.receive.remote(epoch, passes, self.rank, bucket, ref)
 
     @ray.method(concurrency_group="peers")
     def receive(self, epoch: int, passes: int, rank: int, bucket: int, flat: np.ndarray) -> None:

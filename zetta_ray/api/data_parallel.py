@@ -31,6 +31,7 @@ from zetta_ray.api.mesh import DataParallel
 from zetta_ray.api.units import UnitRecord
 from zetta_ray.checkpoint import TrickleCheckpoint
 from zetta_ray.config import RuntimeConfig
+from zetta_ray.control.sibling_repair import ReplicaRecovery, SiblingRepair
 from zetta_ray.errors import ConfigError, UnsupportedError
 from zetta_ray.placement.plan import PlacerConfig
 from zetta_ray.placement.slice_plan import SliceRequest
@@ -92,10 +93,11 @@ class DataParallelModule(Lifetime):
         except BaseException:
             self._slice.remove()
             raise
+        self._repair = SiblingRepair()
+        self.replicas.supervisor = self._repair
         module.to("meta")  # the replicas hold the weights now
         self.module = module
         self._structure: tuple[int, int] | None = None  # (loss index, number of outputs)
-        self._pending: list[Call] = []  # fire-and-forget calls not yet seen to succeed
         self._forwards: list[Call] = []  # the last forward's calls
         self._passes = 0  # backward passes since the last zero_grad
         self._optimizer: ReplicatedOptimizer | None = None
@@ -122,31 +124,35 @@ class DataParallelModule(Lifetime):
     def _backward(self) -> None:
         self._check_open()
         self._passes += 1
-        self._pending += self.replicas.each("backward", "backward")
+        self._submit("backward", "backward")
 
     def _step(self) -> None:
-        self._pending += self.replicas.each("step", "optimizer", self._passes)
+        self._submit("step", "optimizer", self._passes)
         self.replicas.step += 1
 
     def _zero_grad(self) -> None:
         self._passes = 0
-        self._pending += self.replicas.each("zero_grad", "control")
+        self._submit("zero_grad", "control")
+
+    def _submit(self, method: str, phase: str, *args: Any) -> None:
+        self.replicas.submit(method, phase, [args] * self.world)
 
     def _settle(self) -> None:
-        """Wait (within the deadline) for the calls sent without waiting; a failure surfaces here."""
-        pending, self._pending = self._pending, []
-        if pending:
-            self.replicas.wait(pending)
+        """Wait (within the deadline) for the calls sent without waiting; a dead replica is rebuilt
+        here (``control.sibling_repair``) and a failure that cannot be repaired surfaces here."""
+        self.replicas.settle()
 
     def optimizer(self, optimizer_cls: type[torch.optim.Optimizer], **kwargs: Any) -> ReplicatedOptimizer:
         """An ``optimizer_cls(**kwargs)`` on every replica, over its copy of the parameters."""
         self._check_open()
+        self._settle()
         self.replicas.wait(self.replicas.each("set_optimizer", "control", optimizer_cls, kwargs))
+        self.replicas.optimizer_args = (optimizer_cls, kwargs)
         self._optimizer = ReplicatedOptimizer(self)
         return self._optimizer
 
     def train(self, mode: bool = True) -> DataParallelModule:
-        self._pending += self.replicas.each("train", "control", mode)
+        self._submit("train", "control", mode)
         return self
 
     def eval(self) -> DataParallelModule:
@@ -161,6 +167,21 @@ class DataParallelModule(Lifetime):
             UnitRecord(index=r, role="data", node_id=b.node_id, experts=(), data_rank=r)
             for r, b in enumerate(self._slice.units)
         ]
+
+    def unit_handle(self, index: int) -> Any:
+        """The Ray actor of replica ``index`` now (after a recovery: its replacement), for fault
+        injection (``zr.chaos``) and diagnostics; a call on it bypasses the journal."""
+        self._check_open()
+        return self.replicas.actors[index]
+
+    def pool_handles(self) -> dict[str, Any]:
+        """No MemoryPool holds a replica's state (a sibling does): always empty."""
+        return {}
+
+    @property
+    def recoveries(self) -> list[ReplicaRecovery]:
+        """Every replica rebuilt from a sibling so far."""
+        return list(self._repair.events)
 
     def unit_stats(self) -> list[dict[str, Any]]:
         """Asks every replica (within the deadline): rank, process id, node, steps applied, epoch."""

@@ -16,6 +16,10 @@ lifecycle), ``slots.py`` (shared-memory slot ledger), ``liveness.py`` (node live
 pyarrow.fs on a flusher thread). These reach the cluster and the training side only through the
 ``typing.Protocol`` seams of ``seams.py``, so the unit tests drive them with fakes.
 
+Data-parallel dense replicas need none of that: ``sibling_repair.SiblingRepair`` rebuilds a dead replica
+from a live sibling (its state and the journal of the replica group, ``runtime/replicas.py``), no
+snapshot read; it reaches Ray only through the group.
+
 Three files of this package import Ray: ``ray_cluster.py``, the real ``Cluster`` seam (the node list,
 MemoryPool actors, kill, get and wait), which ``manager.py`` builds unless given another;
 ``durable.py``, whose flusher thread reads the stored snapshots it writes (``ray.get``); and

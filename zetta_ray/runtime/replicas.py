@@ -7,13 +7,18 @@ optimizer step, zero_grad. Calls return at once as ``Call``s (ObjectRefs); ``wai
 process blocks, within ``RuntimeConfig.deadline_s``, and a dead or stalled replica becomes a named
 ``UnitFailed`` / ``DeadlineExceeded`` (``calls.wait_for``).
 
-A dead replica is rebuilt from a live sibling (``rebuild``): siblings hold bitwise the same parameters and
-optimizer state after every step, so the replacement copies one of them and no checkpoint is read.
+Every call that changes a replica's training state, or that a replacement must redo, is kept in a
+journal (``Entry``: the method, each replica's arguments and ``Call``) from the last moment every replica
+was seen done (``settle``) on. When a wait fails, the group's ``supervisor`` (``control.sibling_repair``)
+rebuilds the replica from a live sibling and points the dead replica's ``Call``s at the replacement's
+results, and the wait goes on: the loop sees nothing.
 Touches Ray: actor start (``.remote``), ``ray.put`` of the model, ``ray.kill``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,9 +27,23 @@ from torch import nn
 
 from zetta_ray.actors.dense_replica import DenseReplicaActor
 from zetta_ray.config import RuntimeConfig
+from zetta_ray.errors import UnitFault
 from zetta_ray.runtime.calls import Call, wait_for
 
-__all__ = ["ReplicaGroup"]
+__all__ = ["Entry", "ReplicaGroup"]
+
+#: What a journaled call does to a replica's (steps applied, gradient epoch).
+EFFECTS = {"step": (1, 0), "zero_grad": (0, 1)}
+
+
+@dataclass(slots=True)
+class Entry:
+    """One journaled call: ``method`` sent to every replica, replica ``r`` with ``args[r]``."""
+
+    method: str
+    phase: str
+    args: list[tuple[Any, ...]]
+    calls: list[Call] = field(default_factory=list)
 
 
 class ReplicaGroup:
@@ -46,6 +65,11 @@ class ReplicaGroup:
         self.options = list(options)
         self.first_unit = first_unit
         self.step = 0  # optimizer steps submitted
+        self.journal: list[Entry] = []  # calls since every replica was last seen done
+        self.settled = (0, 0)  # (steps applied, gradient epoch) of every replica at the journal's start
+        self.optimizer_args: tuple[Any, Any] | None = None  # (class, kwargs), for a replacement
+        self.supervisor: Callable[[ReplicaGroup, UnitFault], None] | None = None
+        self.max_recoveries = 3  # per wait
         self._model = ray.put(module)  # one copy in the object store for every replica (and rebuilds)
         self._init = {
             "seed": seed,
@@ -65,21 +89,73 @@ class ReplicaGroup:
         return DenseReplicaActor.options(**self.options[r]).remote(r, self.world, self._model, **self._init)
 
     def call(self, r: int, method: str, phase: str, *args: Any) -> Call:
-        """``method(*args)`` on replica ``r``; returns at once."""
+        """``method(*args)`` on replica ``r``; returns at once. Not journaled: for reads and set-up."""
         ref = getattr(self.actors[r], method).remote(*args)
-        return Call(ref=ref, unit=self.first_unit + r, experts=[], step=self.step, phase=phase, method=method)
+        unit = self.first_unit + r
+        return Call(ref=ref, unit=unit, experts=[], step=self.step, phase=phase, method=method, args=args)
 
     def each(self, method: str, phase: str, *args: Any) -> list[Call]:
-        """``method(*args)`` on every replica, in rank order; returns at once."""
+        """``method(*args)`` on every replica, in rank order; returns at once. Not journaled."""
         return [self.call(r, method, phase, *args) for r in range(self.world)]
+
+    def submit(self, method: str, phase: str, args: list[tuple[Any, ...]]) -> list[Call]:
+        """Journaled: ``method(*args[r])`` on every replica ``r``; returns at once."""
+        entry = Entry(method, phase, args)
+        entry.calls = [self.call(r, method, phase, *args[r]) for r in range(self.world)]
+        for c in entry.calls:
+            c.logged = entry
+        self.journal.append(entry)
+        return entry.calls
 
     def forward(self, shards: list[tuple[list[Any], dict[str, Any]]]) -> list[Call]:
         """Replica ``r`` runs forward on ``shards[r]`` (arguments as numpy arrays); returns at once."""
-        return [self.call(r, "forward", "forward", *shards[r]) for r in range(self.world)]
+        return self.submit("forward", "forward", [tuple(shard) for shard in shards])
+
+    def settle(self) -> None:
+        """Wait for every journaled call; then every replica is at the same state and the journal starts
+        again from there."""
+        if self.journal:
+            self.wait([c for entry in self.journal for c in entry.calls])
+            self.settled = self.state_after(len(self.journal))
+            self.journal = []
+
+    def state_after(self, n: int) -> tuple[int, int]:
+        """(steps applied, gradient epoch) of a replica that has done the journal's first ``n`` calls."""
+        steps, epoch = self.settled
+        for entry in self.journal[:n]:
+            ds, de = EFFECTS.get(entry.method, (0, 0))
+            steps, epoch = steps + ds, epoch + de
+        return steps, epoch
 
     def wait(self, calls: list[Call], start: bool = False) -> list[Any]:
-        """The calls' results, within the deadline (``start``: the start-up deadline)."""
-        return wait_for(calls, self.cfg.start_deadline_s if start else self.cfg.deadline_s)
+        """The calls' results, within the deadline (``start``: the start-up deadline). A replica that
+        dies or stalls is rebuilt by the supervisor (when there is one) and the wait goes on."""
+        deadline = self.cfg.start_deadline_s if start else self.cfg.deadline_s
+        for attempt in range(self.max_recoveries + 1):
+            try:
+                return wait_for(calls, deadline)
+            except UnitFault as fault:
+                if self.supervisor is None or attempt == self.max_recoveries:
+                    raise
+                self.supervisor(self, fault)
+                for c in calls:  # the journal's calls now point at the replacement; ask it the rest
+                    if c.logged is None and c.unit == fault.unit:
+                        self.resend(c)
+        raise AssertionError("unreachable")
+
+    def resend(self, call: Call) -> None:
+        """Send ``call`` again to its replica's actor now (a replacement); ``call`` points at the result."""
+        call.ref = getattr(self.actors[call.unit - self.first_unit], call.method).remote(*call.args)
+
+    def answer(self, call: Call, value: Any) -> None:
+        """Point ``call`` at ``value``: what a replacement need not redo answers as if it had."""
+        call.ref = ray.put(value)
+
+    def restart(self, r: int) -> Any:
+        """Kill replica ``r`` (if it still runs) and start a new one in its place; returns it."""
+        ray.kill(self.actors[r], no_restart=True)
+        self.actors[r] = self._start(r)
+        return self.actors[r]
 
     def output(self, index: int) -> np.ndarray:
         """Output ``index`` of every replica's last forward, concatenated along dim 0 in rank order."""
