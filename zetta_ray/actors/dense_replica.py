@@ -105,6 +105,8 @@ class DenseReplica:
         self._arrived = threading.Condition()
         self.sent: dict[tuple[int, int], dict[int, np.ndarray]] = {}  # own copies of this epoch, by pass
         self.state_lock = threading.Lock()  # held while the parameters or the epoch change
+        self.timings: dict[str, float] = {}  # the last step's, for benchmarks (``ping``)
+        self._clock = {"first_ready": 0.0, "backward_end": 0.0, "last_arrival": 0.0}
 
     # -- dataflow ---------------------------------------------------------------------------------
 
@@ -134,14 +136,20 @@ class DenseReplica:
         """Backward of the last forward's loss; full buckets leave for the other replicas meanwhile."""
         if self._loss is None:
             raise RuntimeError(f"replica {self.rank}: backward() without a forward() since the last one")
+        start = time.perf_counter()
         self.passes += 1
         self.buckets.reset()
         self._loss.backward()
         self.buckets.finish()  # buckets of parameters this pass did not reach (their gradients: zeros)
         self._loss, self._outputs = None, [o.detach() for o in self._outputs]
+        self._clock["backward_end"] = time.perf_counter()
+        self.timings["backward_s"] = self._clock["backward_end"] - start
 
     def _ready(self, bucket: int, flat: np.ndarray) -> None:
-        self.sent.setdefault((self.epoch, self.passes), {})[bucket] = flat
+        own = self.sent.setdefault((self.epoch, self.passes), {})
+        if not own:
+            self._clock["first_ready"] = time.perf_counter()
+        own[bucket] = flat
         if self.send is not None:
             self.send(self.epoch, self.passes, bucket, flat)
 
@@ -150,12 +158,14 @@ class DenseReplica:
         ``epoch``. A copy of an older pass of the epoch is superseded by the newer one."""
         with self._arrived:
             self._inbox.setdefault((epoch, passes), {})[(rank, bucket)] = flat
+            self._clock["last_arrival"] = time.perf_counter()
             self._arrived.notify_all()
 
     def reduce(self, passes: int) -> None:
         """Wait for every replica's copy of every bucket of pass ``passes`` of this epoch, then write
         the replica-order means into ``.grad``. ``DeadlineExceeded`` names the replicas still missing."""
         key, n = (self.epoch, passes), len(self.buckets.buckets)
+        wait_start = time.perf_counter()
         end = time.monotonic() + self.deadline_s
         with self._arrived:
             while len(self._inbox.get(key, {})) < self.world * n:
@@ -172,6 +182,7 @@ class DenseReplica:
                     )
                 self._arrived.wait(left)
             copies = self._inbox.pop(key)
+            self._time_exchange(wait_start)
             for old in [k for k in self._inbox if k[0] <= self.epoch and k != key]:
                 del self._inbox[old]  # earlier passes of this epoch, superseded
         reducer = BucketReducer(self.world, n)
@@ -179,6 +190,14 @@ class DenseReplica:
             for r in range(self.world):
                 reducer.add(r, b, copies[(r, b)])
             self.buckets.assign(b, reducer.reduced[b])
+
+    def _time_exchange(self, wait_start: float) -> None:
+        """The last exchange: from this replica's first bucket out to the last copy in (``exchange_s``),
+        how much of it came after its backward ended (``exposed_s``), and the wait in ``reduce``."""
+        c = self._clock
+        self.timings["reduce_wait_s"] = time.perf_counter() - wait_start
+        self.timings["exchange_s"] = max(0.0, c["last_arrival"] - c["first_ready"])
+        self.timings["exposed_s"] = max(0.0, c["last_arrival"] - c["backward_end"])
 
     def step(self, passes: int) -> None:
         """Reduce this epoch's gradients (``passes`` backward passes) and apply the optimizer."""
@@ -245,6 +264,7 @@ class DenseReplica:
             "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
             "steps_applied": self.steps_applied,
             "epoch": self.epoch,
+            "timings": dict(self.timings),
         }
 
 
