@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import helpers
 import pytest
 import ray
 from helpers import one_thread as _one_thread
@@ -104,6 +105,16 @@ def start_ray() -> Iterator[Callable[..., None]]:
 def ray_cluster(start_ray: Callable[..., None]) -> None:
     """A local single-node cluster of 2 CPUs for the module."""
     start_ray()
+
+
+@pytest.fixture(scope="module")
+def dense_cluster(start_ray: Callable[..., None]) -> Iterator[None]:
+    """A local single-node cluster of 4 CPUs for the data- and pipeline-parallel tests, with the test
+    helpers' models (``helpers.DenseLM``) pickled by value, as a script's classes are."""
+    start_ray(num_cpus=4)
+    ray.cloudpickle.register_pickle_by_value(helpers)
+    yield
+    ray.cloudpickle.unregister_pickle_by_value(helpers)
 
 
 @dataclass(frozen=True)

@@ -25,30 +25,57 @@ from zetta_ray.experts import ExpertFFN
 T = 30  # seconds: the deadline of a remote call in the pool tests
 
 
-class DenseLM(torch.nn.Module):
-    """A tiny dense language model (no MoE layer) for the data-parallel tests: ``logits, loss =
-    model(x, y)`` with ``x``, ``y`` token ids of shape [batch, seq]. Ray pickles it by value for the
-    replicas (``ray.cloudpickle.register_pickle_by_value(helpers)``), as it does a class of a script."""
+class Residual(torch.nn.Module):
+    """``h + mlp(h)``, a pre-norm MLP block."""
 
-    def __init__(self, vocab: int = 64, d: int = 32, seed: int = 0, dropout: float = 0.0):
+    def __init__(self, d: int, dropout: float):
         super().__init__()
-        torch.manual_seed(seed)
-        self.embed = torch.nn.Embedding(vocab, d)
-        self.block = torch.nn.Sequential(
+        self.mlp = torch.nn.Sequential(
             torch.nn.LayerNorm(d),
             torch.nn.Linear(d, 4 * d),
             torch.nn.GELU(),
             torch.nn.Dropout(dropout),
             torch.nn.Linear(4 * d, d),
         )
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.mlp(h)
+
+
+class LossHead(torch.nn.Module):
+    """The last layer: norm, vocabulary projection, cross-entropy; ``(logits, loss)``."""
+
+    def __init__(self, d: int, vocab: int):
+        super().__init__()
         self.norm = torch.nn.LayerNorm(d)
-        self.head = torch.nn.Linear(d, vocab)
+        self.proj = torch.nn.Linear(d, vocab)
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.proj(self.norm(h))
+        return logits, torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
+class DenseLM(torch.nn.Module):
+    """A tiny dense language model (no MoE layer) for the data- and pipeline-parallel tests: ``logits,
+    loss = model(x, y)`` with ``x``, ``y`` token ids of shape [batch, seq]; ``pipeline_layers()`` is the
+    pipeline protocol. Ray pickles it by value for the units
+    (``ray.cloudpickle.register_pickle_by_value(helpers)``), as it does a class of a script."""
+
+    def __init__(self, vocab: int = 64, d: int = 32, seed: int = 0, dropout: float = 0.0, blocks: int = 2):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = torch.nn.Embedding(vocab, d)
+        self.blocks = torch.nn.ModuleList(Residual(d, dropout) for _ in range(blocks))
+        self.head = LossHead(d, vocab)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.embed(x)
-        h = h + self.block(h)
-        logits = self.head(self.norm(h))
-        return logits, torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h, y)
+
+    def pipeline_layers(self) -> list[torch.nn.Module]:
+        return [self.embed, *self.blocks, self.head]
 
 
 def dense_batches(n: int, batch: int = 8, seq: int = 16, vocab: int = 64) -> list[tuple[torch.Tensor, ...]]:
@@ -62,12 +89,25 @@ def dense_batches(n: int, batch: int = 8, seq: int = 16, vocab: int = 64) -> lis
     ]
 
 
+def train_steps(dmodel: Any, batches: list[tuple[torch.Tensor, ...]], lr: float = 1e-2) -> list[float]:
+    """The usual loop on a module on units (AdamW): returns each step's ``loss.item()``."""
+    opt = dmodel.optimizer(torch.optim.AdamW, lr=lr)
+    losses = []
+    for x, y in batches:
+        opt.zero_grad()
+        _, loss = dmodel(x, y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def accumulate_reference(
     model: torch.nn.Module, batches: list[tuple[torch.Tensor, ...]], world: int, lr: float = 1e-2
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """One process doing what ``world`` data-parallel replicas promise: per step, ``(loss_i /
-    world).backward()`` over the shards, then one AdamW step. Returns the step losses (the mean of the
-    shard losses) and the final state."""
+    """One process doing what ``world`` data-parallel replicas (or ``world`` pipeline micro-batches)
+    promise: per step, ``(loss_i / world).backward()`` over the batch's ``world`` parts, then one AdamW
+    step. Returns the step losses (the mean of the parts' losses) and the final state."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     losses = []
     for x, y in batches:

@@ -3,23 +3,13 @@ sibling (no checkpoint read): the loop sees nothing and the final state is bitwi
 
 from __future__ import annotations
 
-import helpers
 import pytest
-import ray
 import torch
 from helpers import DenseLM, dense_batches
 
 import zetta_ray as zr
 
 STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def cluster(start_ray):
-    ray_cluster = start_ray(num_cpus=4)
-    ray.cloudpickle.register_pickle_by_value(helpers)
-    yield ray_cluster
-    ray.cloudpickle.unregister_pickle_by_value(helpers)
 
 
 def _run(monkey: zr.chaos.Chaos | None) -> tuple[list[float], dict[str, torch.Tensor], list]:
@@ -43,7 +33,7 @@ def _run(monkey: zr.chaos.Chaos | None) -> tuple[list[float], dict[str, torch.Te
 
 
 @pytest.fixture(scope="module")
-def fault_free(cluster):
+def fault_free(dense_cluster):
     return _run(None)
 
 

@@ -26,8 +26,9 @@ from torch import nn
 
 from zetta_ray.actors.wire import tree_from_wire
 from zetta_ray.api.cluster import init
-from zetta_ray.api.lifetime import Lifetime
+from zetta_ray.api.lifetime import GroupModule
 from zetta_ray.api.mesh import DataParallel
+from zetta_ray.api.remote import RemoteLoss, RemoteOutput, split_batch
 from zetta_ray.api.units import UnitRecord
 from zetta_ray.checkpoint import TrickleCheckpoint
 from zetta_ray.config import RuntimeConfig
@@ -39,10 +40,10 @@ from zetta_ray.placement.slices import Slice, reserve_replica_slice
 from zetta_ray.runtime.calls import Call
 from zetta_ray.runtime.replicas import ReplicaGroup
 
-__all__ = ["DataParallelModule", "RemoteLoss", "RemoteOutput", "ReplicatedOptimizer"]
+__all__ = ["DataParallelModule", "ReplicatedOptimizer"]
 
 
-class DataParallelModule(Lifetime):
+class DataParallelModule(GroupModule):
     """``degree`` replicas of a dense model on compute units; see the module docstring.
 
     Use it as the plain module in the training loop::
@@ -89,12 +90,12 @@ class DataParallelModule(Lifetime):
         self._slice: Slice = reserve_replica_slice(request, placer)
         try:
             options = [self._slice.actor_options(b) for b in self._slice.units]
-            self.replicas = ReplicaGroup(module, self.world, self.runtime_config, options)
+            self.group = ReplicaGroup(module, self.world, self.runtime_config, options)
         except BaseException:
             self._slice.remove()
             raise
         self._repair = SiblingRepair()
-        self.replicas.supervisor = self._repair
+        self.group.supervisor = self._repair
         module.to("meta")  # the replicas hold the weights now
         self.module = module
         self._structure: tuple[int, int] | None = None  # (loss index, number of outputs)
@@ -110,16 +111,23 @@ class DataParallelModule(Lifetime):
         and ``RemoteOutput`` (each other output), without waiting for the replicas."""
         self._check_open()
         self._settle()
-        shards = _shards(args, kwargs, self.world)
-        self._forwards = self.replicas.forward(shards)
+        shards = split_batch(args, kwargs, self.world, f"DataParallel(degree={self.world})")
+        calls = self._forwards = self.group.forward(shards)
         if self._structure is None:  # the first call: learn what the model returns
-            first = self.replicas.wait(self._forwards)[0]
+            first = self.group.wait(self._forwards)[0]
             self._structure = (first["loss_index"], first["n_outputs"])
         loss_index, n = self._structure
-        loss = RemoteLoss(self, self._forwards)
+
+        def backward() -> None:
+            if calls is not self._forwards:
+                raise RuntimeError("backward() of a loss whose forward is not the module's last one")
+            self._backward()
+
+        loss = RemoteLoss(lambda: [r["loss"] for r in self.group.wait(calls)], backward, self.world)
         if n == 1:
             return loss
-        return tuple(loss if i == loss_index else RemoteOutput(self, i) for i in range(n))
+        outputs = [RemoteOutput(lambda i=i: self.group.output(i)) for i in range(n)]
+        return tuple(loss if i == loss_index else outputs[i] for i in range(n))
 
     def _backward(self) -> None:
         self._check_open()
@@ -128,26 +136,26 @@ class DataParallelModule(Lifetime):
 
     def _step(self) -> None:
         self._submit("step", "optimizer", self._passes)
-        self.replicas.step += 1
+        self.group.step += 1
 
     def _zero_grad(self) -> None:
         self._passes = 0
         self._submit("zero_grad", "control")
 
     def _submit(self, method: str, phase: str, *args: Any) -> None:
-        self.replicas.submit(method, phase, [args] * self.world)
+        self.group.submit(method, phase, [args] * self.world)
 
     def _settle(self) -> None:
         """Wait (within the deadline) for the calls sent without waiting; a dead replica is rebuilt
         here (``control.sibling_repair``) and a failure that cannot be repaired surfaces here."""
-        self.replicas.settle()
+        self.group.settle()
 
     def optimizer(self, optimizer_cls: type[torch.optim.Optimizer], **kwargs: Any) -> ReplicatedOptimizer:
         """An ``optimizer_cls(**kwargs)`` on every replica, over its copy of the parameters."""
         self._check_open()
         self._settle()
-        self.replicas.wait(self.replicas.each("set_optimizer", "control", optimizer_cls, kwargs))
-        self.replicas.optimizer_args = (optimizer_cls, kwargs)
+        self.group.wait(self.group.each("set_optimizer", "control", optimizer_cls, kwargs))
+        self.group.optimizer_args = (optimizer_cls, kwargs)
         self._optimizer = ReplicatedOptimizer(self)
         return self._optimizer
 
@@ -168,31 +176,16 @@ class DataParallelModule(Lifetime):
             for r, b in enumerate(self._slice.units)
         ]
 
-    def unit_handle(self, index: int) -> Any:
-        """The Ray actor of replica ``index`` now (after a recovery: its replacement), for fault
-        injection (``zr.chaos``) and diagnostics; a call on it bypasses the journal."""
-        self._check_open()
-        return self.replicas.actors[index]
-
-    def pool_handles(self) -> dict[str, Any]:
-        """No MemoryPool holds a replica's state (a sibling does): always empty."""
-        return {}
-
     @property
     def recoveries(self) -> list[ReplicaRecovery]:
         """Every replica rebuilt from a sibling so far."""
         return list(self._repair.events)
 
-    def unit_stats(self) -> list[dict[str, Any]]:
-        """Asks every replica (within the deadline): rank, process id, node, steps applied, epoch."""
-        self._check_open()
-        return self.replicas.wait(self.replicas.each("ping", "control"))
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The model's state with the wrapped module's keys, from replica 0 (all replicas agree)."""
         self._check_open()
         self._settle()
-        state = self.replicas.state_dict()
+        state = self.group.state_dict()
         return {k: torch.from_numpy(np.array(state[k])) for k in self._keys}
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
@@ -205,65 +198,7 @@ class DataParallelModule(Lifetime):
             )
         tensors = {k: v.detach().cpu().numpy() for k, v in state_dict.items()}
         self._settle()
-        self.replicas.wait(self.replicas.each("load_state_dict", "control", tensors))
-
-    @property
-    def step(self) -> int:
-        """Optimizer steps taken so far."""
-        return self.replicas.step
-
-    @property
-    def slice(self) -> Slice:
-        return self._slice
-
-    # -- lifetime -------------------------------------------------------------------------------------
-
-    def close(self) -> None:
-        """Kill the replicas and remove their placement group. Safe to call twice."""
-        if not self._closed:
-            self._closed = True
-            try:
-                self.replicas.close()
-            finally:
-                self._slice.remove()
-
-
-class RemoteLoss:
-    """The step's loss, still on the replicas: ``item()`` / ``float()`` wait for it (the mean of the
-    shard losses, summed in rank order); ``backward()`` starts the replicas' backward."""
-
-    def __init__(self, owner: DataParallelModule, calls: list[Call]):
-        self._owner, self._calls = owner, calls
-        self._value: float | None = None
-
-    def item(self) -> float:
-        if self._value is None:
-            losses = [r["loss"] for r in self._owner.replicas.wait(self._calls)]
-            self._value = float(np.mean(np.asarray(losses, dtype=np.float64)))
-        return self._value
-
-    def __float__(self) -> float:
-        return self.item()
-
-    def backward(self) -> None:
-        if self._calls is not self._owner._forwards:
-            raise RuntimeError("backward() of a loss whose forward is not the module's last one")
-        self._owner._backward()
-
-    def __repr__(self) -> str:
-        value = f"{self._value:.6g}" if self._value is not None else "pending"
-        return f"RemoteLoss({value}, replicas={len(self._calls)})"
-
-
-class RemoteOutput:
-    """An output of the last forward (the logits), left on the replicas until ``fetch()``."""
-
-    def __init__(self, owner: DataParallelModule, index: int):
-        self._owner, self.index = owner, index
-
-    def fetch(self) -> torch.Tensor:
-        """The whole batch's output: every replica's shard, concatenated along dim 0 in rank order."""
-        return torch.from_numpy(self._owner.replicas.output(self.index))
+        self.group.wait(self.group.each("load_state_dict", "control", tensors))
 
 
 class ReplicatedOptimizer:
@@ -283,27 +218,4 @@ class ReplicatedOptimizer:
         """Replica 0's optimizer state (every replica holds the same)."""
         owner = self._owner
         owner._settle()
-        return tree_from_wire(owner.replicas.wait([owner.replicas.call(0, "optimizer_state", "control")])[0])
-
-
-def _shards(
-    args: tuple[Any, ...], kwargs: dict[str, Any], world: int
-) -> list[tuple[list[Any], dict[str, Any]]]:
-    """Each replica's arguments: every tensor of one dimension or more split along dim 0 into ``world``
-    equal parts (as numpy); everything else passed to every replica as it is."""
-
-    def split(name: str, value: Any) -> list[Any]:
-        if not isinstance(value, torch.Tensor) or value.dim() == 0:
-            return [value] * world
-        n = value.shape[0]
-        if n % world:
-            raise ConfigError(
-                f"{name} has batch size {n} (dim 0 of shape {tuple(value.shape)}), which "
-                f"DataParallel(degree={world}) cannot split into equal shards; use a batch size divisible "
-                f"by {world}"
-            )
-        return [c.contiguous().numpy() for c in value.detach().cpu().chunk(world, dim=0)]
-
-    pos = [split(f"argument {i}", a) for i, a in enumerate(args)]
-    kw = {k: split(f"argument {k!r}", v) for k, v in kwargs.items()}
-    return [([p[r] for p in pos], {k: v[r] for k, v in kw.items()}) for r in range(world)]
+        return tree_from_wire(owner.group.wait([owner.group.call(0, "optimizer_state", "control")])[0])

@@ -1,10 +1,12 @@
-"""``Lifetime``: what a module with actors shares about its end. Pure; no Ray."""
+"""``Lifetime``: what a module with actors shares about its end; ``GroupModule``: what the modules whose
+units form one ``ActorGroup`` (dense replicas, pipeline stages) share. Pure; no Ray (the group calls it).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Lifetime"]
+__all__ = ["GroupModule", "Lifetime"]
 
 
 class Lifetime:
@@ -26,3 +28,45 @@ class Lifetime:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError(f"this {type(self).__name__} is closed; {self._gone}")
+
+
+class GroupModule(Lifetime):
+    """A module whose units are one ``runtime.groups.ActorGroup`` (``group``) in one slice (``_slice``)."""
+
+    group: Any
+    _slice: Any
+
+    def unit_stats(self) -> list[dict[str, Any]]:
+        """Asks every unit (one remote call each, within the deadline) its ``ping``: rank or stage,
+        process id, node, steps applied, the last step's timings."""
+        self._check_open()
+        return self.group.wait(self.group.each("ping", "control"))
+
+    def unit_handle(self, index: int) -> Any:
+        """The Ray actor of unit ``index`` now (after a recovery: its replacement), for fault injection
+        (``zr.chaos``) and diagnostics; a call made on it bypasses the module's bookkeeping."""
+        self._check_open()
+        return self.group.actors[index]
+
+    def pool_handles(self) -> dict[str, Any]:
+        """No MemoryPool holds these units' state: always empty (``zr.chaos`` asks)."""
+        return {}
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken so far."""
+        return self.group.step
+
+    @property
+    def slice(self) -> Any:
+        """The resource slice (``placement.slices.Slice``) the units were placed on."""
+        return self._slice
+
+    def close(self) -> None:
+        """Kill the units and remove their placement group. Safe to call twice."""
+        if not self._closed:
+            self._closed = True
+            try:
+                self.group.close()
+            finally:
+                self._slice.remove()

@@ -58,8 +58,8 @@ class DataParallel:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class PipelineParallel:
     """Split the model's blocks into ``stages`` pipeline stages fed ``microbatches`` micro-batches per
-    step, on the ``schedule`` ``"1f1b"`` or ``"gpipe"``. Declared here so that a mesh can name it;
-    ``zr.parallelize`` does not run it yet (it raises ``UnsupportedError``)."""
+    step (default ``2 * stages``), on the ``schedule`` ``"1f1b"`` or ``"gpipe"``. The model says how its
+    layers split (``pipeline_layers()``; see ``zetta_ray.api.pipeline_parallel``)."""
 
     stages: int
     microbatches: int | None = None

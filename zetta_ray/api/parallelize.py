@@ -14,6 +14,7 @@ from torch import nn
 from zetta_ray.api.data_parallel import DataParallelModule
 from zetta_ray.api.distributed import DistributedModule
 from zetta_ray.api.mesh import DataParallel, ExpertParallel, Mesh, PipelineParallel, current_mesh
+from zetta_ray.api.pipeline_parallel import PipelineModule
 from zetta_ray.checkpoint import TrickleCheckpoint
 from zetta_ray.config import RuntimeConfig
 from zetta_ray.errors import ConfigError, UnsupportedError
@@ -89,24 +90,23 @@ def has_moe_layers(module: nn.Module) -> bool:
 
 def _build(module: nn.Module, strategies: tuple[Any, ...], options: dict[str, Any]) -> Any:
     chosen = resolve_strategies(module, strategies)
+    used = [s for s in (chosen.data, chosen.pipeline, chosen.expert) if s is not None]
+    if len(used) > 1:
+        raise UnsupportedError(
+            f"{' with '.join(map(repr, used))}: strategies do not compose in this version of zetta_ray "
+            "(data and pipeline parallelism run on models without MoE layers, one strategy at a time); "
+            "use one strategy"
+        )
+    dense = chosen.data or chosen.pipeline
+    if dense is not None and has_moe_layers(module):
+        raise UnsupportedError(
+            f"{dense!r} on {type(module).__name__}, which has zr.MoELayer modules: data-parallel "
+            "replicas and pipeline stages of a model with MoE layers do not run in this version of "
+            "zetta_ray; use zr.ExpertParallel"
+        )
     if chosen.pipeline is not None:
-        raise UnsupportedError(
-            f"{chosen.pipeline!r}: pipeline parallelism is declared but does not run in this version of "
-            "zetta_ray; use zr.DataParallel and/or zr.ExpertParallel (zr.mesh(pipeline=1))"
-        )
-    if chosen.data is not None and chosen.expert is not None:
-        raise UnsupportedError(
-            f"{chosen.data!r} with {chosen.expert!r}: data-parallel replicas of a model with MoE layers "
-            "do not run in this version of zetta_ray (data parallelism runs on models without MoE "
-            "layers); use one strategy"
-        )
+        return PipelineModule(module, chosen.pipeline, **options)
     if chosen.data is not None:
-        if has_moe_layers(module):
-            raise UnsupportedError(
-                f"{chosen.data!r} on {type(module).__name__}, which has zr.MoELayer modules: data-parallel "
-                "replicas of a model with MoE layers do not run in this version of zetta_ray; use "
-                "zr.ExpertParallel"
-            )
         return DataParallelModule(module, chosen.data, **options)
     return DistributedModule(module, chosen.expert, **options)
 
@@ -167,6 +167,6 @@ def parallelize(
         return lambda target: parallelize(target, *strategies, **options)
     if isinstance(module, type):
         return _decorate(module, strategies, options)
-    if isinstance(module, (DistributedModule, DataParallelModule)):
+    if isinstance(module, (DistributedModule, DataParallelModule, PipelineModule)):
         raise ConfigError("this module is already distributed; parallelize the plain nn.Module once")
     return _build(module, strategies, options)

@@ -188,16 +188,21 @@ def _equal_shares(
 
 
 def plan_replica_slice(
-    topology: Topology, request: SliceRequest, config: PlacerConfig | None = None
+    topology: Topology, request: SliceRequest, config: PlacerConfig | None = None, *, spread: bool = True
 ) -> SlicePlan:
-    """``request.units`` units of one kind (and its spares) for data-parallel replicas, spread over
-    failure domains: each pick takes the unit whose rack, then node, holds the fewest picks so far
-    (ties: the lower unit id). Replica ``i`` is ``unit_U[i]``, in pick order.
+    """``request.units`` units of one kind (and its spares) for dense units. ``spread`` (data-parallel
+    replicas): over failure domains, each pick taking the unit whose rack, then node, holds the fewest
+    picks so far (ties: the lower unit id). Otherwise (pipeline stages, whose neighbours talk every
+    micro-batch): packed, in (rack, node, unit) order, so that neighbours share a node where they can.
+    Unit ``i`` is ``unit_U[i]``, in pick order.
 
     Raises ``InfeasibleSliceError`` when the machine lacks the units.
     """
     kind = _choose_kind(topology, request, config or PlacerConfig())
     left = topology.units_of_kind(kind).tolist()
+    if not spread:
+        left.sort(key=lambda u: (int(topology.unit_rack_U[u]), int(topology.unit_node_U[u]), u))
+        return _dense_plan(kind, left[: request.units + request.spares], request.units)
     per_rack: dict[int, int] = {}
     per_node: dict[int, int] = {}
     picks: list[int] = []
@@ -215,10 +220,11 @@ def plan_replica_slice(
         rack, node = int(topology.unit_rack_U[u]), int(topology.unit_node_U[u])
         per_rack[rack] = per_rack.get(rack, 0) + 1
         per_node[node] = per_node.get(node, 0) + 1
+    return _dense_plan(kind, picks, request.units)
+
+
+def _dense_plan(kind: str, picks: list[int], units: int) -> SlicePlan:
+    """A plan of dense units: the first ``units`` picks, the rest spares; no experts to place."""
     return SlicePlan(
-        kind=kind,
-        unit_U=tuple(picks[: request.units]),
-        spare_U=tuple(picks[request.units :]),
-        unit_LE=(),
-        placement=None,
+        kind=kind, unit_U=tuple(picks[:units]), spare_U=tuple(picks[units:]), unit_LE=(), placement=None
     )

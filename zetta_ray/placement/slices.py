@@ -118,14 +118,20 @@ def _bundle_resources(kind: str, node: dict[str, Any], unit_cpus: float) -> dict
     return {name: 1.0, **({"CPU": unit_cpus} if unit_cpus else {})}
 
 
-def reserve_replica_slice(request: SliceRequest, config: PlacerConfig | None = None) -> Slice:
-    """A slice for data-parallel dense replicas (``plan_replica_slice``: spread over failure domains),
-    reserved as ``reserve_slice`` reserves one."""
-    return reserve_slice(request, None, config)
+def reserve_replica_slice(
+    request: SliceRequest, config: PlacerConfig | None = None, *, spread: bool = True
+) -> Slice:
+    """A slice of dense units (``plan_replica_slice``: data-parallel replicas spread over failure
+    domains, or pipeline stages packed), reserved as ``reserve_slice`` reserves one."""
+    return reserve_slice(request, None, config, spread=spread)
 
 
 def reserve_slice(
-    request: SliceRequest, workload: Workload | None, config: PlacerConfig | None = None
+    request: SliceRequest,
+    workload: Workload | None,
+    config: PlacerConfig | None = None,
+    *,
+    spread: bool = True,
 ) -> Slice:
     """Plan ``request`` on the live cluster and reserve it as one placement group (``workload`` None:
     a slice of dense replicas, with no experts to place).

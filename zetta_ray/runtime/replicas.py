@@ -17,7 +17,6 @@ Touches Ray: actor start (``.remote``), ``ray.put`` of the model, ``ray.kill``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +26,8 @@ from torch import nn
 
 from zetta_ray.actors.dense_replica import DenseReplicaActor
 from zetta_ray.config import RuntimeConfig
-from zetta_ray.errors import UnitFault
-from zetta_ray.runtime.calls import Call, wait_for
+from zetta_ray.runtime.calls import Call
+from zetta_ray.runtime.groups import ActorGroup
 
 __all__ = ["Entry", "ReplicaGroup"]
 
@@ -46,7 +45,7 @@ class Entry:
     calls: list[Call] = field(default_factory=list)
 
 
-class ReplicaGroup:
+class ReplicaGroup(ActorGroup):
     """``world`` dense replicas of one model. Replica ``r`` is unit ``first_unit + r`` in faults."""
 
     def __init__(
@@ -60,16 +59,10 @@ class ReplicaGroup:
         bucket_bytes: int = 25 * 2**20,
         first_unit: int = 0,
     ):
-        self.world = world
-        self.cfg = cfg
-        self.options = list(options)
-        self.first_unit = first_unit
-        self.step = 0  # optimizer steps submitted
+        super().__init__(world, cfg, options, first_unit)
         self.journal: list[Entry] = []  # calls since every replica was last seen done
         self.settled = (0, 0)  # (steps applied, gradient epoch) of every replica at the journal's start
         self.optimizer_args: tuple[Any, Any] | None = None  # (class, kwargs), for a replacement
-        self.supervisor: Callable[[ReplicaGroup, UnitFault], None] | None = None
-        self.max_recoveries = 3  # per wait
         self._model = ray.put(module)  # one copy in the object store for every replica (and rebuilds)
         self._init = {
             "seed": seed,
@@ -77,7 +70,6 @@ class ReplicaGroup:
             "bucket_bytes": bucket_bytes,
             "deadline_s": cfg.deadline_s,
         }
-        self.actors: list[Any] = []
         try:
             self.actors = [self._start(r) for r in range(world)]
             self.wait([self.call(r, "connect", "control", self.actors) for r in range(world)], start=True)
@@ -87,16 +79,6 @@ class ReplicaGroup:
 
     def _start(self, r: int) -> Any:
         return DenseReplicaActor.options(**self.options[r]).remote(r, self.world, self._model, **self._init)
-
-    def call(self, r: int, method: str, phase: str, *args: Any) -> Call:
-        """``method(*args)`` on replica ``r``; returns at once. Not journaled: for reads and set-up."""
-        ref = getattr(self.actors[r], method).remote(*args)
-        unit = self.first_unit + r
-        return Call(ref=ref, unit=unit, experts=[], step=self.step, phase=phase, method=method, args=args)
-
-    def each(self, method: str, phase: str, *args: Any) -> list[Call]:
-        """``method(*args)`` on every replica, in rank order; returns at once. Not journaled."""
-        return [self.call(r, method, phase, *args) for r in range(self.world)]
 
     def submit(self, method: str, phase: str, args: list[tuple[Any, ...]]) -> list[Call]:
         """Journaled: ``method(*args[r])`` on every replica ``r``; returns at once."""
@@ -127,30 +109,6 @@ class ReplicaGroup:
             steps, epoch = steps + ds, epoch + de
         return steps, epoch
 
-    def wait(self, calls: list[Call], start: bool = False) -> list[Any]:
-        """The calls' results, within the deadline (``start``: the start-up deadline). A replica that
-        dies or stalls is rebuilt by the supervisor (when there is one) and the wait goes on."""
-        deadline = self.cfg.start_deadline_s if start else self.cfg.deadline_s
-        for attempt in range(self.max_recoveries + 1):
-            try:
-                return wait_for(calls, deadline)
-            except UnitFault as fault:
-                if self.supervisor is None or attempt == self.max_recoveries:
-                    raise
-                self.supervisor(self, fault)
-                for c in calls:  # the journal's calls now point at the replacement; ask it the rest
-                    if c.logged is None and c.unit == fault.unit:
-                        self.resend(c)
-        raise AssertionError("unreachable")
-
-    def resend(self, call: Call) -> None:
-        """Send ``call`` again to its replica's actor now (a replacement); ``call`` points at the result."""
-        call.ref = getattr(self.actors[call.unit - self.first_unit], call.method).remote(*call.args)
-
-    def answer(self, call: Call, value: Any) -> None:
-        """Point ``call`` at ``value``: what a replacement need not redo answers as if it had."""
-        call.ref = ray.put(value)
-
     def restart(self, r: int) -> Any:
         """Kill replica ``r`` (if it still runs) and start a new one in its place; returns it."""
         ray.kill(self.actors[r], no_restart=True)
@@ -164,8 +122,3 @@ class ReplicaGroup:
     def state_dict(self) -> dict[str, np.ndarray]:
         """The model's state, from replica 0 (every replica holds the same)."""
         return self.wait([self.call(0, "state_dict", "control")])[0]
-
-    def close(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-        self.actors = []
