@@ -16,12 +16,17 @@ from run to run with the same mesh. The step's loss is the mean of the shard los
 the shard gradients is the gradient of that loss: equal, up to float rounding, to one process that
 accumulates ``(loss_i / world).backward()`` over the shards (tests/unit/test_grad_buckets.py).
 
+``BucketInbox`` holds the copies that peers send until the reduction takes them (one thread receives,
+another reduces) and ``reduce_into`` writes the means into ``.grad`` (``dense_replica.py`` uses them).
+
 Pure PyTorch and numpy, no Ray: the transport between replicas (issue 18 chooses it by measurement) is
 whatever ``on_ready`` does with the array.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -30,7 +35,7 @@ import torch
 
 from zetta_ray.checks import check, positive_int
 
-__all__ = ["Bucket", "BucketReducer", "GradBuckets"]
+__all__ = ["Bucket", "BucketInbox", "BucketReducer", "GradBuckets", "reduce_into"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,3 +195,54 @@ class BucketReducer:
         """Start a new step (nothing held; a copy left over means a replica sent a bucket twice)."""
         self._held = {}
         self.reduced = {}
+
+
+class BucketInbox:
+    """Where a unit's copies of its peers' buckets wait, keyed by (epoch, pass) then (rank, bucket);
+    ``put`` runs on the thread that receives them, ``take`` on the one that reduces. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[int, int], dict[tuple[int, int], np.ndarray]] = {}
+        self._arrived = threading.Condition()
+        self.last_arrival = 0.0  # time.perf_counter() of the newest copy
+
+    def put(self, epoch: int, passes: int, rank: int, bucket: int, flat: np.ndarray) -> None:
+        with self._arrived:
+            self._held.setdefault((epoch, passes), {})[(rank, bucket)] = flat
+            self.last_arrival = time.perf_counter()
+            self._arrived.notify_all()
+
+    def take(
+        self,
+        key: tuple[int, int],
+        world: int,
+        n_buckets: int,
+        deadline_s: float,
+        late: Callable[[list[int]], Exception],
+    ) -> dict[tuple[int, int], np.ndarray]:
+        """All ``world`` copies of the ``n_buckets`` buckets of ``key``, once in (older keys of the same
+        epoch or before are dropped: superseded). After ``deadline_s`` raises ``late(missing ranks)``."""
+        end = time.monotonic() + deadline_s
+        with self._arrived:
+            while len(self._held.get(key, {})) < world * n_buckets:
+                left = end - time.monotonic()
+                if left <= 0:
+                    have = self._held.get(key, {})
+                    raise late(
+                        sorted({r for r in range(world) for b in range(n_buckets) if (r, b) not in have})
+                    )
+                self._arrived.wait(left)
+            copies = self._held.pop(key)
+            for old in [k for k in self._held if k[0] <= key[0]]:
+                del self._held[old]
+        return copies
+
+
+def reduce_into(buckets: GradBuckets, copies: dict[tuple[int, int], np.ndarray], world: int) -> None:
+    """Reduce every bucket's ``world`` copies (``copies[(rank, bucket)]``) in replica order and write the
+    means into the parameters' ``.grad``."""
+    reducer = BucketReducer(world, len(buckets.buckets))
+    for b in range(len(buckets.buckets)):
+        for r in range(world):
+            reducer.add(r, b, copies[(r, b)])
+        buckets.assign(b, reducer.reduced[b])

@@ -33,7 +33,7 @@ import ray
 import torch
 from torch import nn
 
-from zetta_ray.actors.buckets import BucketReducer, GradBuckets
+from zetta_ray.actors.buckets import BucketInbox, GradBuckets, reduce_into
 from zetta_ray.actors.wire import tree_from_wire, tree_to_wire
 from zetta_ray.errors import DeadlineExceeded
 
@@ -101,12 +101,11 @@ class DenseReplica:
         self.passes = 0  # backward passes in this epoch
         self._loss: torch.Tensor | None = None
         self._outputs: list[torch.Tensor] = []
-        self._inbox: dict[tuple[int, int], dict[tuple[int, int], np.ndarray]] = {}  # (epoch, pass)
-        self._arrived = threading.Condition()
+        self.inbox = BucketInbox()  # the peers' copies of this replica's buckets
         self.sent: dict[tuple[int, int], dict[int, np.ndarray]] = {}  # own copies of this epoch, by pass
         self.state_lock = threading.Lock()  # held while the parameters or the epoch change
         self.timings: dict[str, float] = {}  # the last step's, for benchmarks (``ping``)
-        self._clock = {"first_ready": 0.0, "backward_end": 0.0, "last_arrival": 0.0}
+        self._clock = {"first_ready": 0.0, "backward_end": 0.0}
 
     # -- dataflow ---------------------------------------------------------------------------------
 
@@ -156,48 +155,35 @@ class DenseReplica:
     def receive(self, epoch: int, passes: int, rank: int, bucket: int, flat: np.ndarray) -> None:
         """Take replica ``rank``'s copy of ``bucket`` from backward pass ``passes`` of gradient epoch
         ``epoch``. A copy of an older pass of the epoch is superseded by the newer one."""
-        with self._arrived:
-            self._inbox.setdefault((epoch, passes), {})[(rank, bucket)] = flat
-            self._clock["last_arrival"] = time.perf_counter()
-            self._arrived.notify_all()
+        self.inbox.put(epoch, passes, rank, bucket, flat)
 
     def reduce(self, passes: int) -> None:
         """Wait for every replica's copy of every bucket of pass ``passes`` of this epoch, then write
         the replica-order means into ``.grad``. ``DeadlineExceeded`` names the replicas still missing."""
-        key, n = (self.epoch, passes), len(self.buckets.buckets)
         wait_start = time.perf_counter()
-        end = time.monotonic() + self.deadline_s
-        with self._arrived:
-            while len(self._inbox.get(key, {})) < self.world * n:
-                left = end - time.monotonic()
-                if left <= 0:
-                    have = self._inbox.get(key, {})
-                    missing = sorted({r for r in range(self.world) for b in range(n) if (r, b) not in have})
-                    raise DeadlineExceeded(
-                        unit=self.rank,
-                        experts=[],
-                        step=self.steps_applied,
-                        phase=f"gradient reduction (waiting for replicas {missing})",
-                        deadline_s=self.deadline_s,
-                    )
-                self._arrived.wait(left)
-            copies = self._inbox.pop(key)
-            self._time_exchange(wait_start)
-            for old in [k for k in self._inbox if k[0] <= self.epoch and k != key]:
-                del self._inbox[old]  # earlier passes of this epoch, superseded
-        reducer = BucketReducer(self.world, n)
-        for b in range(n):
-            for r in range(self.world):
-                reducer.add(r, b, copies[(r, b)])
-            self.buckets.assign(b, reducer.reduced[b])
+
+        def late(missing: list[int]) -> Exception:
+            return DeadlineExceeded(
+                unit=self.rank,
+                experts=[],
+                step=self.steps_applied,
+                phase=f"gradient reduction (waiting for replicas {missing})",
+                deadline_s=self.deadline_s,
+            )
+
+        n = len(self.buckets.buckets)
+        copies = self.inbox.take((self.epoch, passes), self.world, n, self.deadline_s, late)
+        self._time_exchange(wait_start)
+        reduce_into(self.buckets, copies, self.world)
 
     def _time_exchange(self, wait_start: float) -> None:
         """The last exchange: from this replica's first bucket out to the last copy in (``exchange_s``),
         how much of it came after its backward ended (``exposed_s``), and the wait in ``reduce``."""
         c = self._clock
         self.timings["reduce_wait_s"] = time.perf_counter() - wait_start
-        self.timings["exchange_s"] = max(0.0, c["last_arrival"] - c["first_ready"])
-        self.timings["exposed_s"] = max(0.0, c["last_arrival"] - c["backward_end"])
+        last = self.inbox.last_arrival
+        self.timings["exchange_s"] = max(0.0, last - c["first_ready"])
+        self.timings["exposed_s"] = max(0.0, last - c["backward_end"])
 
     def step(self, passes: int) -> None:
         """Reduce this epoch's gradients (``passes`` backward passes) and apply the optimizer."""
