@@ -33,7 +33,7 @@ from zetta_ray.api.units import UnitRecord
 from zetta_ray.checkpoint import TrickleCheckpoint
 from zetta_ray.config import RuntimeConfig
 from zetta_ray.control.sibling_repair import ReplicaRecovery, SiblingRepair
-from zetta_ray.errors import ConfigError, UnsupportedError
+from zetta_ray.errors import ConfigError
 from zetta_ray.placement.plan import PlacerConfig
 from zetta_ray.placement.slice_plan import SliceRequest
 from zetta_ray.placement.slices import Slice, reserve_replica_slice
@@ -69,11 +69,9 @@ class DataParallelModule(GroupModule):
         placer: PlacerConfig | None = None,
         checkpoint: TrickleCheckpoint | Literal[False] | None = None,
     ):
-        if checkpoint not in (None, False):
-            raise UnsupportedError(
-                "trickle checkpoints of data-parallel replicas do not run in this version of zetta_ray; "
-                "pass checkpoint=False or leave it out (a dead replica is rebuilt from a live sibling)"
-            )
+        self.refuse_trickle(
+            checkpoint, "data-parallel replicas", "a dead replica is rebuilt from a live sibling"
+        )
         if not any(p.requires_grad for p in module.parameters()):
             raise ConfigError(f"{type(module).__name__} has no trainable parameter to replicate")
         self.strategy = strategy

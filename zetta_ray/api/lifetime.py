@@ -4,20 +4,24 @@ units form one ``ActorGroup`` (dense replicas, pipeline stages) share. Pure; no 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
+
+from zetta_ray.errors import UnsupportedError
 
 __all__ = ["GroupModule", "Lifetime"]
 
 
-class Lifetime:
+class Lifetime(ABC):
     """A context manager that calls ``close()`` on exit; ``_check_open`` refuses work once closed.
     Subclasses set ``_closed`` in ``__init__`` and say in ``_gone`` what closing released."""
 
     _closed: bool
     _gone = "its actors are gone"
 
+    @abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Release the module's actors and placement group; safe to call twice."""
 
     def __enter__(self) -> Any:
         return self
@@ -35,6 +39,16 @@ class GroupModule(Lifetime):
 
     group: Any
     _slice: Any
+
+    @staticmethod
+    def refuse_trickle(checkpoint: Any, units: str, otherwise: str) -> None:
+        """Trickle checkpoints of ``units`` are not built: a ``TrickleCheckpoint`` is refused, naming
+        what a failure does ``otherwise``; ``None`` and ``False`` pass."""
+        if checkpoint not in (None, False):
+            raise UnsupportedError(
+                f"trickle checkpoints of {units} do not run in this version of zetta_ray; pass "
+                f"checkpoint=False or leave it out ({otherwise})"
+            )
 
     def unit_stats(self) -> list[dict[str, Any]]:
         """Asks every unit (one remote call each, within the deadline) its ``ping``: rank or stage,

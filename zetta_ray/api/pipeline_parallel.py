@@ -72,11 +72,7 @@ class PipelineModule(GroupModule):
         placer: PlacerConfig | None = None,
         checkpoint: TrickleCheckpoint | Literal[False] | None = None,
     ):
-        if checkpoint not in (None, False):
-            raise UnsupportedError(
-                "trickle checkpoints of pipeline stages do not run in this version of zetta_ray; pass "
-                "checkpoint=False or leave it out (a stage that dies stops the run with UnitFailed)"
-            )
+        self.refuse_trickle(checkpoint, "pipeline stages", "a stage that dies stops the run with UnitFailed")
         self.strategy = strategy
         self.stages = strategy.stages
         self.microbatches = strategy.microbatches or 2 * strategy.stages
