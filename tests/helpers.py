@@ -89,15 +89,24 @@ def dense_batches(n: int, batch: int = 8, seq: int = 16, vocab: int = 64) -> lis
     ]
 
 
-def train_steps(dmodel: Any, batches: list[tuple[torch.Tensor, ...]], lr: float = 1e-2) -> list[float]:
-    """The usual loop on a module on units (AdamW): returns each step's ``loss.item()``."""
+def train_steps(
+    dmodel: Any, batches: list[tuple[torch.Tensor, ...]], lr: float = 1e-2, monkey: Any = None
+) -> list[float]:
+    """The usual loop on a module on units (AdamW): returns each step's ``loss.item()``. A ``monkey``
+    (``zr.chaos.Chaos``) is called at each step's forward, backward and optimizer phase."""
     opt = dmodel.optimizer(torch.optim.AdamW, lr=lr)
     losses = []
-    for x, y in batches:
+    for step, (x, y) in enumerate(batches):
         opt.zero_grad()
+        if monkey is not None:
+            monkey(dmodel, step, "forward")
         _, loss = dmodel(x, y)
+        if monkey is not None:
+            monkey(dmodel, step, "backward")
         loss.backward()
         opt.step()
+        if monkey is not None:
+            monkey(dmodel, step, "optimizer")
         losses.append(loss.item())
     return losses
 

@@ -17,6 +17,7 @@ researcher needs to find them on a large machine: which unit, which experts, whi
       UnitFault                         a unit did not deliver a result
         DeadlineExceeded (TimeoutError), UnitFailed
       RecoveryFailed                    a unit failed and could not be recovered
+      RunAborted                        a pipeline stage stopped its run: a peer failed (replayed)
       ReplayUnavailableError (LookupError)
       DurableCheckpointError            a durable checkpoint could not be assembled
       PoolFullError (MemoryError), SnapshotNotHeldError (LookupError)   MemoryPool answers
@@ -47,6 +48,7 @@ __all__ = [
     "RecoveryFailed",
     "ReplayUnavailableError",
     "ReplicaPlacementError",
+    "RunAborted",
     "SnapshotFormatError",
     "SnapshotNotHeldError",
     "SpecError",
@@ -102,6 +104,9 @@ class UnitFault(ZettaError):
             f"unit {unit} (experts {_fmt_experts(self.experts)}) at step {step}, phase {phase!r}: {detail}"
         )
 
+    def _where(self) -> dict[str, Any]:
+        return {"unit": self.unit, "experts": self.experts, "step": self.step, "phase": self.phase}
+
 
 class DeadlineExceeded(UnitFault, TimeoutError):
     """A remote call ran past its deadline.
@@ -124,6 +129,9 @@ class DeadlineExceeded(UnitFault, TimeoutError):
             ),
         )
 
+    def __reduce__(self) -> tuple[Any, ...]:  # keyword-only arguments: raised in an actor, read here
+        return _rebuild, (type(self), {**self._where(), "deadline_s": self.deadline_s})
+
 
 class UnitFailed(UnitFault):
     """The actor hosting a unit died or raised while running a call."""
@@ -136,6 +144,14 @@ class UnitFailed(UnitFault):
         super().__init__(
             unit=unit, experts=experts, step=step, phase=phase, detail=f"{type(cause).__name__}: {first_line}"
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuild, (type(self), {**self._where(), "cause": self.cause})
+
+
+def _rebuild(cls: type[UnitFault], kwargs: dict[str, Any]) -> UnitFault:
+    """A unit fault from its keyword arguments (how one crosses a process boundary)."""
+    return cls(**kwargs)
 
 
 class SpecError(ConfigError):
@@ -157,6 +173,11 @@ class InfeasiblePlacementError(PlacementError, ValueError):
 
 class RecoveryFailed(ZettaError):
     """A unit failed and could not be recovered; the message says why and what is intact."""
+
+
+class RunAborted(ZettaError):
+    """A pipeline stage stopped the run it was in because a peer stage failed; the run is replayed from
+    the pipeline's last snapshot once the peer is rebuilt, so a training loop never sees this."""
 
 
 class ReplayUnavailableError(ZettaError, LookupError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DenseLM, dense_batches
+from helpers import DenseLM, dense_batches, train_steps
 
 import zetta_ray as zr
 
@@ -15,20 +15,7 @@ STEPS = 4
 def _run(monkey: zr.chaos.Chaos | None) -> tuple[list[float], dict[str, torch.Tensor], list]:
     # with dropout, so that a replayed forward must draw what the original drew
     with zr.parallelize(DenseLM(dropout=0.2), zr.DataParallel(degree=2)) as dmodel:
-        opt = dmodel.optimizer(torch.optim.AdamW, lr=1e-2)
-        losses = []
-        for step, (x, y) in enumerate(dense_batches(STEPS)):
-            opt.zero_grad()
-            if monkey is not None:
-                monkey(dmodel, step, "forward")
-            _, loss = dmodel(x, y)
-            if monkey is not None:
-                monkey(dmodel, step, "backward")
-            loss.backward()
-            opt.step()
-            if monkey is not None:
-                monkey(dmodel, step, "optimizer")
-            losses.append(loss.item())
+        losses = train_steps(dmodel, dense_batches(STEPS), monkey=monkey)
         return losses, dmodel.state_dict(), dmodel.recoveries
 
 

@@ -13,7 +13,7 @@ from helpers import DenseLM, accumulate_reference, dense_batches
 
 from zetta_ray.actors.pipeline_stage import PipelineStage, schedule
 from zetta_ray.api.pipeline_parallel import split_stages
-from zetta_ray.errors import DeadlineExceeded
+from zetta_ray.errors import DeadlineExceeded, RunAborted
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -131,3 +131,47 @@ def test_a_stage_waiting_for_its_neighbour_names_it_within_the_deadline():
     stages = _stages(2, deadline_s=0.3)
     with pytest.raises(DeadlineExceeded, match=r"pipeline act of micro-batch 0 \(from stage 0\)"):
         stages[1].run(1, schedule("1f1b", 2, 1, 2), 2)
+
+
+def test_a_stage_restored_from_its_snapshot_redoes_a_step_bitwise():
+    batches, m = dense_batches(3), 2
+    stages = _stages(2)
+    _step(stages, 0, *batches[0], m)
+    snaps = [s.snapshot(1) for s in stages]
+    _step(stages, 1, *batches[1], m)
+    after = [s.state_dict() for s in stages]
+    for stage, snap in zip(stages, snaps, strict=True):  # back to step 1, then the same step again
+        assert stage.restore(snap) == 1
+        assert stage.steps_applied == 1
+    _step(stages, 1, *batches[1], m)
+    for stage, want in zip(stages, after, strict=True):
+        assert all(np.array_equal(stage.state_dict()[k], v) for k, v in want.items())
+    with pytest.raises(ValueError, match="stage 1 cannot restore the snapshot of stage 0"):
+        stages[1].restore(snaps[0])
+    fresh = PipelineStage(0, 2, DenseLM(blocks=3).pipeline_layers()[:3])
+    with pytest.raises(ValueError, match="set_optimizer\\(AdamW"):
+        fresh.restore(snaps[0])
+
+
+def test_an_aborted_stage_stops_waiting_at_once_until_it_is_restored():
+    stages = _stages(2, deadline_s=30.0)
+    snap = stages[1].snapshot(0)
+    failed: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            stages[1].run(1, schedule("1f1b", 2, 1, 2), 2)
+        except BaseException as e:  # noqa: BLE001 - the test checks which
+            failed.append(e)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    stages[1].abort()
+    t.join(timeout=5)
+    assert not t.is_alive() and isinstance(failed[0], RunAborted), failed
+    with pytest.raises(RunAborted):  # a run queued before the restore stops too
+        stages[1].run(2, schedule("1f1b", 2, 1, 2), 2)
+    stages[1].restore(snap)
+    stages[1].deadline_s = 0.2
+    with pytest.raises(DeadlineExceeded):  # restored: it waits for its neighbour again
+        stages[1].run(3, schedule("1f1b", 2, 1, 2), 2)

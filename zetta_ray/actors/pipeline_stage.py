@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from zetta_ray.actors.dense_replica import split_outputs
-from zetta_ray.actors.wire import tree_to_wire
-from zetta_ray.errors import DeadlineExceeded
+from zetta_ray.actors.wire import tree_from_wire, tree_to_wire
+from zetta_ray.checkpoint import Snapshot
+from zetta_ray.errors import DeadlineExceeded, RecoveryFailed, RunAborted
 
 __all__ = ["PipelineStage", "PipelineStageActor", "schedule"]
 
@@ -90,6 +91,7 @@ class PipelineStage:
         self._outputs: dict[int, list[torch.Tensor]] = {}  # the last run's other outputs, by micro-batch
         self.timings: dict[str, float] = {}
         self._structure: dict[str, int] = {}
+        self._aborted = False  # a peer failed: runs stop until the next restore
 
     @property
     def last(self) -> bool:
@@ -185,6 +187,11 @@ class PipelineStage:
         end = time.monotonic() + self.deadline_s
         with self._arrived:
             while (kind, run, m) not in self._inbox:
+                if self._aborted:
+                    raise RunAborted(
+                        f"stage {self.stage}: run {run} stopped waiting for the {kind} of micro-batch {m}: "
+                        "a peer stage failed; the run is replayed once the peer is rebuilt"
+                    )
                 left = end - time.monotonic()
                 if left <= 0:
                     raise DeadlineExceeded(
@@ -197,6 +204,63 @@ class PipelineStage:
                     )
                 self._arrived.wait(left)
             return self._inbox.pop((kind, run, m))
+
+    def abort(self) -> None:
+        """A peer failed: the run in progress (and any queued before the next ``restore``) stops at its
+        next wait for a peer instead of at the deadline."""
+        with self._arrived:
+            self._aborted = True
+            self._arrived.notify_all()
+
+    # -- snapshots ------------------------------------------------------------------------------------
+
+    def snapshot(self, step: int) -> Snapshot:
+        """The stage's state after ``step`` optimizer steps: layers, optimizer state, steps applied.
+        Taken between an optimizer step and the next ``zero_grad``; gradients, activations and the
+        inbox belong to a step that a restore replays."""
+        optimizer = self.optimizer
+        return Snapshot(
+            step=step,
+            tensors=self.state_dict(),
+            optimizer=self.optimizer_state(),
+            mesh={"stage": self.stage, "stages": self.stages},
+            extra={
+                "steps_applied": self.steps_applied,
+                "training": self.layers.training,
+                "optimizer_class": type(optimizer).__name__ if optimizer is not None else None,
+            },
+        )
+
+    def restore(self, snapshot: Snapshot) -> int:
+        """Go back to ``snapshot`` (this stage's, from a pool): its layers and optimizer state (an
+        optimizer must be set first when it has some), no gradients, no pending runs, an empty inbox;
+        the run stops being aborted. Returns the snapshot's step. Every delivery a replayed run needs is
+        sent again; one from before the restore that arrives late carries what the replay sends
+        (same state, same inputs, same dropout seed), so it does no harm."""
+        if snapshot.mesh.get("stage") != self.stage:
+            raise ValueError(
+                f"stage {self.stage} cannot restore the snapshot of stage {snapshot.mesh.get('stage')}"
+            )
+        saved = snapshot.extra.get("optimizer_class")
+        if saved is not None and type(self.optimizer).__name__ != saved:
+            raise ValueError(
+                f"stage {self.stage} has optimizer {type(self.optimizer).__name__}, its snapshot of step "
+                f"{snapshot.step} holds {saved} state; call set_optimizer({saved}, ...) before restoring"
+            )
+        self.load_state_dict(snapshot.tensors)
+        if snapshot.optimizer:
+            self.optimizer.load_state_dict(tree_from_wire(snapshot.optimizer))
+        elif saved is None:
+            self.optimizer = None
+        self.steps_applied = int(snapshot.extra["steps_applied"])
+        self.layers.train(bool(snapshot.extra["training"]))
+        self.zero_grad()
+        with self._arrived:
+            self._inbox.clear()
+            self._runs.clear()
+            self._outputs = {}
+            self._aborted = False
+        return snapshot.step
 
     # -- gradients, optimizer, state ----------------------------------------------------------------
 
@@ -262,8 +326,33 @@ class _StageProcess(PipelineStage):
         super().__init__(stage, stages, layers, send=self._to_peer, **options)
         self.peers: list[Any] = []
 
+    @ray.method(concurrency_group="peers")
     def connect(self, peers: list[Any]) -> None:
         self.peers = list(peers)
+
+    @ray.method(concurrency_group="peers")
+    def abort(self) -> None:
+        super().abort()
+
+    def keep_snapshot(self, step: int, pools: list[Any]) -> list[Any]:
+        """Hand the snapshot of ``step`` to every pool in ``pools``; returns their acknowledgements
+        (ObjectRefs, in a list so that Ray does not wait for them here)."""
+        snap = self.snapshot(step)
+        return [pool.put.remote(f"stage-{self.stage}", step, snap) for pool in pools]
+
+    def restore_from(self, step: int, pools: list[Any]) -> int:
+        """Restore this stage's snapshot of ``step`` from the first pool in ``pools`` that holds it."""
+        errors = []
+        for pool in pools:
+            try:
+                snap = ray.get(pool.get.remote(f"stage-{self.stage}", step), timeout=self.deadline_s)
+            except (ray.exceptions.RayError, LookupError) as e:
+                errors.append(f"{type(e).__name__}: {e}")
+                continue
+            return self.restore(snap)
+        raise RecoveryFailed(
+            f"stage {self.stage}: no pool of {len(pools)} could give its snapshot of step {step}: {errors}"
+        )
 
     def _to_peer(self, kind: str, to: int, run: int, m: int, array: np.ndarray) -> None:
         self.peers[to].deliver.remote(kind, run, m, ray.put(array))

@@ -37,6 +37,7 @@ from zetta_ray.api.remote import RemoteLoss, RemoteOutput, split_batch
 from zetta_ray.api.units import UnitRecord
 from zetta_ray.checkpoint import TrickleCheckpoint
 from zetta_ray.config import RuntimeConfig
+from zetta_ray.control.stage_repair import StageRecovery, StageRepair
 from zetta_ray.errors import ConfigError, UnsupportedError
 from zetta_ray.placement.plan import PlacerConfig
 from zetta_ray.placement.slice_plan import SliceRequest
@@ -72,7 +73,7 @@ class PipelineModule(GroupModule):
         placer: PlacerConfig | None = None,
         checkpoint: TrickleCheckpoint | Literal[False] | None = None,
     ):
-        self.refuse_trickle(checkpoint, "pipeline stages", "a stage that dies stops the run with UnitFailed")
+        trickle = _trickle(checkpoint)
         self.strategy = strategy
         self.stages = strategy.stages
         self.microbatches = strategy.microbatches or 2 * strategy.stages
@@ -97,10 +98,14 @@ class PipelineModule(GroupModule):
                 options,
                 microbatches=self.microbatches,
                 kind=strategy.schedule,
+                trickle=trickle,
+                avoid={b.node_id for b in self._slice.units},
             )
         except BaseException:
             self._slice.remove()
             raise
+        self.repair = StageRepair() if trickle is not None else None
+        self.group.supervisor = self.repair
         module.to("meta")  # the stages hold the weights now
         self.module = module
         self._training = module.training
@@ -121,7 +126,7 @@ class PipelineModule(GroupModule):
         backward = self._training and torch.is_grad_enabled()
         calls = self._last = self.group.run(run, parts, backward)
         if self._structure is None:  # the first call: learn what the model returns
-            last = self.group.wait([calls[-1]])[0]
+            last = self.group.wait(calls)[-1]
             self._structure = (last["loss_index"], last["n_outputs"])
 
         def commit() -> None:
@@ -129,9 +134,11 @@ class PipelineModule(GroupModule):
                 raise RuntimeError("backward() of a loss computed under torch.no_grad() or eval()")
             if calls is not self._last:
                 raise RuntimeError("backward() of a loss whose forward is not the module's last one")
-            self._pending += self.group.each("commit", "backward", run)
+            self._pending += self.group.submit("commit", "backward", run)
 
-        loss = RemoteLoss(lambda: self.group.wait([calls[-1]])[0]["losses"], commit, self.microbatches)
+        # the loss waits for every stage's run, so that a dead stage is seen at once, not at the deadline
+        # of the last stage waiting for it
+        loss = RemoteLoss(lambda: self.group.wait(calls)[-1]["losses"], commit, self.microbatches)
         loss_index, n = self._structure
         if n == 1:
             return loss
@@ -140,20 +147,33 @@ class PipelineModule(GroupModule):
         return tuple(loss if i == loss_index else outputs[i - (i > loss_index)] for i in range(n))
 
     def _settle(self) -> None:
-        """Wait (within the deadline) for the calls sent without waiting; a failure surfaces here."""
+        """Wait (within the deadline) for the calls sent without waiting; a failure surfaces here (and
+        with trickle snapshots on, a failed stage is rebuilt here)."""
         pending, self._pending = [*self._pending, *self._last], []
         if pending:
             self.group.wait(pending)
+        self.group.settle()
+
+    def pool_handles(self) -> dict[str, Any]:
+        """The MemoryPool actors that hold the stages' snapshots, by name (``zr.chaos`` kills them)."""
+        self._check_open()
+        return {f"stage-pool-{i}": pool for i, pool in enumerate(self.group.pools)}
+
+    @property
+    def recoveries(self) -> list[StageRecovery]:
+        """The stages rebuilt so far, oldest first."""
+        return list(self.repair.events) if self.repair is not None else []
 
     def optimizer(self, optimizer_cls: type[torch.optim.Optimizer], **kwargs: Any) -> PipelineOptimizer:
         """An ``optimizer_cls(**kwargs)`` on every stage, over its layers' parameters."""
         self._check_open()
-        self.group.wait(self.group.each("set_optimizer", "control", optimizer_cls, kwargs))
+        self.group.optimizer_args = (optimizer_cls, kwargs)
+        self.group.wait(self.group.submit("set_optimizer", "control", optimizer_cls, kwargs))
         return PipelineOptimizer(self)
 
     def train(self, mode: bool = True) -> PipelineModule:
         self._training = mode
-        self._pending += self.group.each("train", "control", mode)
+        self._pending += self.group.submit("train", "control", mode)
         return self
 
     def eval(self) -> PipelineModule:
@@ -189,13 +209,14 @@ class PipelineOptimizer:
 
     def step(self) -> None:
         owner = self._owner
-        owner._pending += owner.group.each("step", "optimizer")
+        owner._pending += owner.group.submit("step", "optimizer")
         owner.group.step += 1
+        owner._pending += owner.group.after_step(owner.group.step)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         owner = self._owner
-        owner._pending += owner.group.each("zero_grad", "control")
-        owner._pending += owner.group.each("discard", "control", owner._run + 1)
+        owner._pending += owner.group.submit("zero_grad", "control")
+        owner._pending += owner.group.submit("discard", "control", owner._run + 1)
 
     def state_dict(self) -> dict[str, Any]:
         """Every stage's optimizer state, by stage."""
@@ -233,6 +254,20 @@ def _key_map(module: nn.Module, layers: list[nn.Module], runs: list[range]) -> d
             "every parameter and buffer must be in one of its layers"
         )
     return {k: where[k] for k in module.state_dict()}
+
+
+def _trickle(checkpoint: TrickleCheckpoint | Literal[False] | None) -> TrickleCheckpoint | None:
+    """The stages' snapshot settings: on by default (``TrickleCheckpoint()``), off with ``False``."""
+    if checkpoint is False:
+        return None
+    trickle = checkpoint if checkpoint is not None else TrickleCheckpoint()
+    if trickle.durable_uri is not None:
+        raise UnsupportedError(
+            f"durable checkpoints of pipeline stages (durable_uri={trickle.durable_uri!r}) are not "
+            "written by this version of zetta_ray: their snapshots live in MemoryPool actors only; "
+            "leave durable_uri unset"
+        )
+    return trickle
 
 
 def _pipeline_layers(module: nn.Module, stages: int) -> list[nn.Module]:

@@ -18,7 +18,9 @@ pyarrow.fs on a flusher thread). These reach the cluster and the training side o
 
 Data-parallel dense replicas need none of that: ``sibling_repair.SiblingRepair`` rebuilds a dead replica
 from a live sibling (its state and the journal of the replica group, ``runtime/replicas.py``), no
-snapshot read; it reaches Ray only through the group.
+snapshot read; it reaches Ray only through the group. A pipeline stage has no sibling:
+``stage_repair.StageRepair`` takes the whole pipeline back to the stages' last snapshot (held by
+MemoryPool actors, ``runtime/stages.py``) and replays the pipeline's journal, also through its group.
 
 Three files of this package import Ray: ``ray_cluster.py``, the real ``Cluster`` seam (the node list,
 MemoryPool actors, kill, get and wait), which ``manager.py`` builds unless given another;

@@ -101,7 +101,10 @@ def wait_for(
             unit=c.unit, experts=c.experts, step=c.step, phase=c.phase, deadline_s=deadline_s
         ) from None
     except ray.exceptions.RayError:
-        for c in calls:  # find the call that failed, to name it
+        # Find the call that failed, to name it: answered calls first, since a unit that waits for a
+        # dead peer (a pipeline neighbour, a replica's reduction) answers only at its own deadline.
+        ready = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
+        for c in sorted(calls, key=lambda c: c.ref not in ready):
             try:
                 ray.get(c.ref, timeout=deadline_s)
             except ray.exceptions.GetTimeoutError:

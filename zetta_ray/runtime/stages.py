@@ -4,27 +4,46 @@ It starts one ``PipelineStageActor`` per stage (``actors/pipeline_stage.py``), e
 run of the model's layers, tells each its neighbours (activations and gradients go stage to stage,
 never through this process), and sends a step's calls: the micro-batches to the first stage and their
 targets to the last (straight into their inboxes), then one ``run`` per stage on its schedule; commit,
-optimizer step and zero_grad after it. Calls return at once (``ActorGroup``); a dead or stalled stage
-is a named ``UnitFailed`` / ``DeadlineExceeded`` at the next wait (no supervisor yet: a stage is not
-rebuilt).
-Touches Ray: actor start (``.remote``), ``ray.put`` of each stage's layers.
+optimizer step and zero_grad after it. Calls return at once (``ActorGroup``).
+
+With trickle snapshots on (``trickle``: MemoryPool actors it starts, on ``replicas`` nodes that hold no
+stage where there are such nodes), every
+stage hands its state to the pools itself after every ``every``-th optimizer step (``keep_snapshot``:
+the bytes go stage to pool, never through this process), and from the construction on (step 0) each
+call that changes a stage is journaled (``Entry``), with the micro-batches a run was fed, from the last
+step whose snapshots every pool acknowledged (``base``) on. A dead or stalled stage is then rebuilt by
+the group's supervisor (``control.stage_repair``): the whole pipeline goes back to ``base`` and the
+journal is replayed, so the loop sees nothing. Without pools a stage that dies is a named
+``UnitFailed`` / ``DeadlineExceeded`` at the next wait.
+Touches Ray: actor and pool start (``.remote``), ``ray.put`` of each stage's layers, ``ray.get`` of the
+pools' acknowledgements, ``ray.kill``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from torch import nn
 
+from zetta_ray.actors.memory_pool import MemoryPoolActor
 from zetta_ray.actors.pipeline_stage import PipelineStageActor, schedule
+from zetta_ray.checkpoint import TrickleCheckpoint
 from zetta_ray.config import RuntimeConfig
 from zetta_ray.runtime.calls import Call
 from zetta_ray.runtime.groups import ActorGroup
+from zetta_ray.runtime.replicas import Entry
 
-__all__ = ["StageGroup"]
+__all__ = ["StageGroup", "start_pools"]
+
+logger = logging.getLogger(__name__)
+
+Parts = list[tuple[list[Any], dict[str, Any]]]  # a run's micro-batches, each ([x, y], {})
 
 
 class StageGroup(ActorGroup):
@@ -39,40 +58,167 @@ class StageGroup(ActorGroup):
         microbatches: int,
         kind: str = "1f1b",
         seed: int = 0,
+        trickle: TrickleCheckpoint | None = None,
+        avoid: set[str] | None = None,
     ):
         super().__init__(len(layers), cfg, options)
         self.microbatches = microbatches
         self.schedules = [schedule(kind, self.world, s, microbatches) for s in range(self.world)]
-        init = {"seed": seed, "threads": cfg.threads_per_unit, "deadline_s": cfg.deadline_s}
+        self.pools: list[Any] = []
+        self.every = trickle.every if trickle is not None else 1
+        self.journal: list[Entry] = []  # calls since the snapshots of step ``base``
+        self.feeds: dict[int, Parts] = {}  # run -> its micro-batches, for the journal's runs
+        self.base: int | None = None  # the newest step whose snapshots every stage has in a pool
+        self.optimizer_args: tuple[Any, Any] | None = None  # (class, kwargs), for a replacement
+        self.stale: list[Any] = []  # results of calls a recovery redid: read and dropped at settle
+        self._layers = [ray.put(list(run)) for run in layers]  # kept for a replacement stage
+        self._init = {"seed": seed, "threads": cfg.threads_per_unit, "deadline_s": cfg.deadline_s}
         try:
-            for s, run in enumerate(layers):
-                actor = PipelineStageActor.options(**self.options[s]).remote(
-                    s, self.world, ray.put(list(run)), **init
+            if trickle is not None:
+                self.pools = start_pools(
+                    avoid or set(), trickle.replicas, trickle.pool_bytes, cfg.start_deadline_s
                 )
-                self.actors.append(actor)
+            self.actors = [self._start(s) for s in range(self.world)]
             self.wait(self.each("connect", "control", self.actors), start=True)
+            if self.pools:
+                self.snapshot(0)
+                self.settle()
         except BaseException:
             self.close()
             raise
 
-    def run(self, run: int, parts: list[tuple[list[Any], dict[str, Any]]], backward: bool) -> list[Call]:
+    def _start(self, s: int) -> Any:
+        return PipelineStageActor.options(**self.options[s]).remote(
+            s, self.world, self._layers[s], **self._init
+        )
+
+    # -- calls ---------------------------------------------------------------------------------------
+
+    def submit(
+        self, method: str, phase: str, *args: Any, per_stage: list[tuple[Any, ...]] | None = None
+    ) -> list[Call]:
+        """``method(*args)`` (or stage ``s``: ``method(*per_stage[s])``) on every stage, journaled when
+        the group keeps snapshots; returns at once."""
+        entry = Entry(method, phase, per_stage or [args] * self.world)
+        entry.calls = [self.call(s, method, phase, *entry.args[s]) for s in range(self.world)]
+        if self.pools:
+            for c in entry.calls:
+                c.logged = entry
+            self.journal.append(entry)
+        return entry.calls
+
+    def feed(self, run: int, parts: Parts) -> None:
+        """The micro-batches of ``run``: inputs into the first stage's inbox, targets into the last's."""
+        first, last = self.actors[0], self.actors[-1]
+        for m, (args, _) in enumerate(parts):
+            first.deliver.remote("act", run, m, args[0])
+            last.deliver.remote("target", run, m, args[1])
+
+    def run(self, run: int, parts: Parts, backward: bool) -> list[Call]:
         """Run ``run`` over the micro-batches ``parts`` (each ``([x, y], {})``): inputs to the first
         stage, targets to the last, then every stage's schedule. Returns the ``run`` calls by stage."""
-        first, last = self.actors[0], self.actors[-1]
-        for m, (args, kwargs) in enumerate(parts):
+        for args, kwargs in parts:
             if kwargs or len(args) != 2:
                 raise TypeError(
                     "a pipelined model is called as dmodel(x, y): the first layer takes x, the last "
                     f"layer takes the last stage's activations and y; got {len(args)} positional "
                     f"arguments and keywords {sorted(kwargs)}"
                 )
-            first.deliver.remote("act", run, m, args[0])
-            last.deliver.remote("target", run, m, args[1])
-        return [
-            self.call(s, "run", "forward", run, self.schedules[s], self.microbatches, backward)
-            for s in range(self.world)
-        ]
+        if self.pools:
+            self.feeds[run] = parts
+        self.feed(run, parts)
+        per_stage = [(run, self.schedules[s], self.microbatches, backward) for s in range(self.world)]
+        return self.submit("run", "forward", per_stage=per_stage)
+
+    def snapshot(self, step: int) -> list[Call]:
+        """Every stage hands its state after ``step`` optimizer steps to the pools (journaled)."""
+        return self.submit("keep_snapshot", "snapshot", step, self.pools)
+
+    def after_step(self, step: int) -> list[Call]:
+        """The calls that follow optimizer step ``step``: its snapshots, every ``every`` steps."""
+        return self.snapshot(step) if self.pools and step % self.every == 0 else []
+
+    # -- the journal ---------------------------------------------------------------------------------
+
+    def settle(self) -> None:
+        """Wait for every journaled call; the newest snapshot that every stage got into a pool becomes
+        ``base`` and the journal starts after it. A pool that fails to acknowledge is named in the log;
+        a stage's snapshot counts when one pool holds it."""
+        self._drop_stale()
+        if not self.journal:
+            return
+        self.wait([c for entry in self.journal for c in entry.calls])
+        newest = None
+        for i, entry in enumerate(self.journal):
+            if entry.method == "keep_snapshot" and self._held(entry):
+                newest = i
+        if newest is None:
+            return
+        step = self.journal[newest].args[0][0]
+        self.journal = self.journal[newest + 1 :]
+        runs = {e.args[0][0] for e in self.journal if e.method == "run"}
+        self.feeds = {r: p for r, p in self.feeds.items() if r in runs}
+        if self.base is not None and step > self.base:
+            for s in range(self.world):
+                for pool in self.pools:
+                    pool.drop_before.remote(f"stage-{s}", step)
+        self.base = step
+
+    def _drop_stale(self) -> None:
+        """Read the finished results of calls a recovery redid (an aborted run's ``RunAborted``), so that
+        Ray does not report them as unhandled errors; the unfinished ones are read next time."""
+        if self.stale:
+            ready, self.stale = ray.wait(self.stale, num_returns=len(self.stale), timeout=0)
+            for ref in ready:
+                with contextlib.suppress(ray.exceptions.RayError):
+                    ray.get(ref, timeout=0)
+
+    def _held(self, entry: Entry) -> bool:
+        acks = self.wait(entry.calls)  # each stage's list of its pools' acknowledgement refs
+        for s, refs in enumerate(acks):
+            held = 0
+            for pool, ref in zip(self.pools, refs, strict=True):
+                try:
+                    ray.get(ref, timeout=self.cfg.deadline_s)
+                    held += 1
+                except (ray.exceptions.RayError, MemoryError) as e:
+                    logger.warning("stage %d: pool %s did not keep its snapshot: %s", s, pool, e)
+            if not held:
+                return False
+        return True
+
+    def restart(self, s: int) -> Any:
+        """Kill stage ``s`` (if it still runs) and start a new one in its place; returns it."""
+        ray.kill(self.actors[s], no_restart=True)
+        self.actors[s] = self._start(s)
+        return self.actors[s]
 
     def output(self, index: int) -> np.ndarray:
         """Output ``index`` of the last run (the last stage's, micro-batches concatenated)."""
         return self.wait([self.call(self.world - 1, "output", "forward", index)])[0]
+
+    def close(self) -> None:
+        super().close()
+        for pool in self.pools:
+            ray.kill(pool, no_restart=True)
+        self.pools = []
+
+
+def start_pools(avoid: set[str], replicas: int, pool_bytes: int, deadline_s: float) -> list[Any]:
+    """``replicas`` MemoryPool actors for a pipeline's snapshots, on distinct live nodes outside
+    ``avoid`` (the stages' nodes) when there are such nodes, else on the stages' own nodes (a snapshot
+    then outlives a stage, not its node); started and answering within ``deadline_s``."""
+    alive = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+    nodes = ([n for n in alive if n not in avoid] or alive)[:replicas]
+    if len(nodes) < replicas:
+        logger.warning(
+            "pipeline snapshots: %d pool(s) on distinct nodes, not the %d asked", len(nodes), replicas
+        )
+    pools = [
+        MemoryPoolActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
+            pool_bytes, f"stage-pool-{node[:8]}"
+        )
+        for node in nodes
+    ]
+    ray.get([p.ping.remote() for p in pools], timeout=deadline_s)
+    return pools
