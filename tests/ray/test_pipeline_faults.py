@@ -14,10 +14,12 @@ from zetta_ray.errors import UnitFailed, UnsupportedError
 STEPS = 4
 
 
-def _run(monkey: zr.chaos.Chaos | None, checkpoint=None) -> tuple[list[float], dict[str, torch.Tensor], list]:
+def _run(
+    monkey: zr.chaos.Chaos | None, checkpoint=None, data: int = 1
+) -> tuple[list[float], dict[str, torch.Tensor], list]:
     # with dropout, so that a replayed run must draw what the original drew
-    strategy = zr.PipelineParallel(stages=2, microbatches=2)
-    with zr.parallelize(DenseLM(dropout=0.2), strategy, checkpoint=checkpoint) as dmodel:
+    strategies = [zr.PipelineParallel(stages=2, microbatches=2), zr.DataParallel(degree=data)]
+    with zr.parallelize(DenseLM(dropout=0.2), *strategies, checkpoint=checkpoint) as dmodel:
         losses = train_steps(dmodel, dense_batches(STEPS), monkey=monkey)
         return losses, dmodel.state_dict(), dmodel.recoveries
 
@@ -37,6 +39,15 @@ def test_a_stage_killed_in_a_phase_is_rebuilt_from_its_snapshot_bitwise(fault_fr
     # back to the newest step whose snapshots the pool had acknowledged when the kill landed (the kill
     # may find the stage still busy with the previous step's calls)
     assert recoveries[0].snapshot_step in (1, 2, 3)
+    assert got_losses == losses
+    assert all(torch.equal(got_state[k], v) for k, v in state.items()), "final state differs"
+
+
+def test_a_stage_of_one_of_two_pipelines_killed_mid_step_rolls_back_both_bitwise(dense_cluster):
+    losses, state, _ = _run(None, data=2)
+    monkey = zr.chaos.Chaos([zr.chaos.Kill(target="unit", step=1, phase="backward", index=2)])
+    got_losses, got_state, recoveries = _run(monkey, data=2)
+    assert [(e.unit, e.rebuilt) for e in recoveries] == [(2, (2,))]  # replica 1's first stage
     assert got_losses == losses
     assert all(torch.equal(got_state[k], v) for k, v in state.items()), "final state differs"
 

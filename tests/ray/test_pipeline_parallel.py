@@ -32,6 +32,32 @@ def test_two_stages_equal_one_process_accumulating_the_micro_batches(dense_clust
         torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-6)
 
 
+def test_two_pipelines_of_two_stages_equal_one_process_accumulating_every_micro_batch(dense_cluster):
+    batches = dense_batches(3)
+    ref_losses, ref_state = accumulate_reference(DenseLM(), batches, world=4)  # 2 replicas x 2 micro-batches
+    strategies = (zr.DataParallel(degree=2), zr.PipelineParallel(stages=2, microbatches=2))
+    with zr.parallelize(DenseLM(), *strategies) as dmodel:
+        assert [(u.role, u.data_rank, u.stage) for u in dmodel.units] == [
+            ("stage", 0, 0),
+            ("stage", 0, 1),
+            ("stage", 1, 0),
+            ("stage", 1, 1),
+        ]
+        losses = train_steps(dmodel, batches)
+        state = dmodel.state_dict()
+        with torch.no_grad():  # the logits of the whole batch, both replicas' shards in order
+            logits, _ = dmodel(*batches[0])
+            assert logits.fetch().shape == (8, 16, 64)
+        stats = dmodel.unit_stats()
+        assert {s["steps_applied"] for s in stats} == {3}
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
+    for key, value in ref_state.items():
+        torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-6)
+    four = "x DataParallel\\(degree=2\\) cannot split .* 4 equal parts"
+    with zr.parallelize(DenseLM(), *strategies) as dmodel, pytest.raises(ConfigError, match=four):
+        dmodel(*dense_batches(1, batch=6)[0])
+
+
 def test_the_mesh_gives_a_default_pipeline_and_a_run_repeats_bitwise(dense_cluster):
     batches = dense_batches(2)
     with zr.mesh(pipeline=2):

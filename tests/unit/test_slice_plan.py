@@ -115,3 +115,15 @@ def test_data_parallel_replicas_spread_over_racks_then_nodes():
     assert plan == plan_replica_slice(t, SliceRequest(units=3, spares=1))  # the same every time
     with pytest.raises(InfeasibleSliceError, match="needs 7"):
         plan_replica_slice(t, SliceRequest(units=7, kind="npu"))
+
+
+def test_data_parallel_pipelines_pack_their_stages_and_spread_the_pipelines():
+    t = _racked(["a", "a", "b"])  # 2 units a node
+    plan = plan_replica_slice(t, SliceRequest(units=4, spares=1), spread=True, group=2)
+    nodes = [int(t.unit_node_U[u]) for u in plan.unit_U]
+    racks = [int(t.unit_rack_U[u]) for u in plan.unit_U]
+    assert nodes[0] == nodes[1] and nodes[2] == nodes[3]  # a pipeline's two stages share a node
+    assert racks[0] != racks[2]  # the two pipelines in different racks
+    assert len(plan.spare_U) == 1 and plan.spare_U[0] not in plan.unit_U
+    packed = plan_replica_slice(t, SliceRequest(units=4), spread=False)
+    assert [int(t.unit_node_U[u]) for u in packed.unit_U] == [0, 0, 1, 1]  # stages packed in node order

@@ -12,7 +12,14 @@ controller, which gets back the micro-batch losses.
 
 Parameter gradients of a run are summed in a buffer of their own, in micro-batch order, and reach
 ``.grad`` only when the controller commits the run (``loss.backward()``): a forward whose loss nobody
-differentiates leaves the gradients alone. ``step`` applies the stage's optimizer.
+differentiates leaves the gradients alone. ``step`` applies the stage's optimizer. With data
+parallelism (``replicas`` pipelines), ``step`` first reduces: the stage's gradient buckets go to the
+same stage of every other replica, and the mean of all copies, summed in replica order, replaces
+``.grad``, so the replicas stay bitwise equal.
+
+``snapshot`` / ``restore`` are the stage's trickle checkpoint (its layers, optimizer state, steps
+applied); ``abort`` makes a run waiting for a failed peer stop at once (``RunAborted``) so that the
+stage can be restored and the run replayed (``control/stage_repair.py``).
 
 ``PipelineStage`` is plain PyTorch with the transport injected, so a test drives stages in one process
 (threads); ``PipelineStageActor`` is the Ray actor, whose ``deliver`` runs in a concurrency group of its
@@ -32,6 +39,7 @@ import ray
 import torch
 from torch import nn
 
+from zetta_ray.actors.buckets import GradBuckets, reduce_into
 from zetta_ray.actors.dense_replica import split_outputs
 from zetta_ray.actors.wire import tree_from_wire, tree_to_wire
 from zetta_ray.checkpoint import Snapshot
@@ -41,6 +49,7 @@ __all__ = ["PipelineStage", "PipelineStageActor", "schedule"]
 
 Op = tuple[str, int]  # ("F" | "B", micro-batch)
 Deliver = Callable[[str, int, int, int, np.ndarray], None]  # (kind, to stage, run, micro-batch, array)
+Share = Callable[[int, int, np.ndarray], None]  # (step, slot, gradient bucket) to the other replicas
 
 
 def schedule(kind: str, stages: int, stage: int, microbatches: int) -> list[Op]:
@@ -75,11 +84,19 @@ class PipelineStage:
         threads: int = 1,
         send: Deliver | None = None,
         deadline_s: float = 60.0,
+        replica: int = 0,
+        replicas: int = 1,
+        share: Share | None = None,
+        bucket_bytes: int = 25 * 2**20,
     ):
         torch.set_num_threads(threads)
         self.stage, self.stages = stage, stages
+        self.replica, self.replicas = replica, replicas
+        self.unit = replica * stages + stage  # its index among the mesh's units
+        self.share = share
         self.layers = nn.ModuleList(layers)
         self.params = [p for p in self.layers.parameters() if p.requires_grad]
+        self.buckets = GradBuckets(self.params, bucket_bytes=bucket_bytes) if self.params else None
         self.seed = seed
         self.send = send
         self.deadline_s = deadline_s
@@ -131,7 +148,9 @@ class PipelineStage:
     def _forward(
         self, run: int, m: int, x: np.ndarray, microbatches: int, losses: dict[int, float], backward: bool
     ) -> tuple[torch.Tensor | None, Any]:
-        torch.manual_seed(hash((self.seed, self.stage, run, m)) & (2**63 - 1))  # dropout: replayable
+        torch.manual_seed(
+            hash((self.seed, self.replica, self.stage, run, m)) & (2**63 - 1)
+        )  # dropout: replayable
         h = torch.from_numpy(x if x.flags.writeable else x.copy())
         inp = h.requires_grad_() if backward and self.stage > 0 and h.is_floating_point() else h
         with torch.set_grad_enabled(backward):
@@ -183,7 +202,8 @@ class PipelineStage:
             self._inbox[(kind, run, m)] = array
             self._arrived.notify_all()
 
-    def _take(self, kind: str, run: int, m: int) -> np.ndarray:
+    def _take(self, kind: str, run: int, m: int, what: str | None = None) -> np.ndarray:
+        """The array ``(kind, run, m)`` once delivered; ``what`` names it in a deadline error."""
         end = time.monotonic() + self.deadline_s
         with self._arrived:
             while (kind, run, m) not in self._inbox:
@@ -194,12 +214,12 @@ class PipelineStage:
                     )
                 left = end - time.monotonic()
                 if left <= 0:
+                    source = self.stage - 1 if kind == "act" else self.stage + 1
                     raise DeadlineExceeded(
-                        unit=self.stage,
+                        unit=self.unit,
                         experts=[],
                         step=self.steps_applied,
-                        phase=f"pipeline {kind} of micro-batch {m} (from stage "
-                        f"{self.stage - 1 if kind == 'act' else self.stage + 1})",
+                        phase=what or f"pipeline {kind} of micro-batch {m} (from stage {source})",
                         deadline_s=self.deadline_s,
                     )
                 self._arrived.wait(left)
@@ -282,8 +302,26 @@ class PipelineStage:
     def step(self) -> None:
         if self.optimizer is None:
             raise RuntimeError(f"stage {self.stage}: step() before set_optimizer()")
+        if self.replicas > 1:
+            self._reduce()
         self.optimizer.step()
         self.steps_applied += 1
+
+    def _reduce(self) -> None:
+        """Data parallelism: the mean of every replica's gradients of this stage, summed in replica
+        order (``reduce_into``), written into ``.grad``. This stage's buckets go to the same stage of
+        the other replicas (``share``); theirs arrive in the inbox as ``("bucket", step, slot)``."""
+        step, n = self.steps_applied, len(self.buckets.buckets)
+        own = [self.buckets.flatten(b) for b in range(n)]
+        if self.share is not None:
+            for b, flat in enumerate(own):
+                self.share(step, self.replica * n + b, flat)
+        copies = {}
+        for r in range(self.replicas):
+            for b in range(n):
+                what = f"gradient reduction of step {step + 1} (bucket {b} from replica {r})"
+                copies[(r, b)] = own[b] if r == self.replica else self._take("bucket", step, r * n + b, what)
+        reduce_into(self.buckets, copies, self.replicas)
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -308,6 +346,7 @@ class PipelineStage:
     def ping(self) -> dict[str, Any]:
         return {
             "stage": self.stage,
+            "data_rank": self.replica,
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
             "steps_applied": self.steps_applied,
@@ -323,12 +362,22 @@ class _StageProcess(PipelineStage):
     """The actor's body: a PipelineStage whose activations and gradients go to its neighbours."""
 
     def __init__(self, stage: int, stages: int, layers: Sequence[nn.Module], **options: Any):
-        super().__init__(stage, stages, layers, send=self._to_peer, **options)
+        super().__init__(stage, stages, layers, send=self._to_peer, share=self._to_replicas, **options)
         self.peers: list[Any] = []
+        self.column: list[Any] = []
 
     @ray.method(concurrency_group="peers")
-    def connect(self, peers: list[Any]) -> None:
-        self.peers = list(peers)
+    def connect(self, mesh: list[list[Any]]) -> None:
+        """The mesh's stage actors, ``mesh[replica][stage]``: this stage's pipeline neighbours are in
+        its own row, the stages it reduces gradients with in its column."""
+        self.peers = list(mesh[self.replica])
+        self.column = [row[self.stage] for row in mesh]
+
+    def _to_replicas(self, step: int, slot: int, flat: np.ndarray) -> None:
+        ref = ray.put(flat)  # once, whatever the number of replicas
+        for r, peer in enumerate(self.column):
+            if r != self.replica:
+                peer.deliver.remote("bucket", step, slot, ref)
 
     @ray.method(concurrency_group="peers")
     def abort(self) -> None:
@@ -336,7 +385,9 @@ class _StageProcess(PipelineStage):
 
     def keep_snapshot(self, step: int, pools: list[Any]) -> list[Any]:
         """Hand the snapshot of ``step`` to every pool in ``pools``; returns their acknowledgements
-        (ObjectRefs, in a list so that Ray does not wait for them here)."""
+        (ObjectRefs, in a list so that Ray does not wait for them here); none from replicas but 0."""
+        if self.replica > 0:
+            return []  # every replica's stage holds the same state: one copy, from replica 0
         snap = self.snapshot(step)
         return [pool.put.remote(f"stage-{self.stage}", step, snap) for pool in pools]
 

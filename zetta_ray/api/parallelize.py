@@ -90,22 +90,21 @@ def has_moe_layers(module: nn.Module) -> bool:
 
 def _build(module: nn.Module, strategies: tuple[Any, ...], options: dict[str, Any]) -> Any:
     chosen = resolve_strategies(module, strategies)
-    used = [s for s in (chosen.data, chosen.pipeline, chosen.expert) if s is not None]
-    if len(used) > 1:
+    dense = [s for s in (chosen.data, chosen.pipeline) if s is not None]
+    if dense and chosen.expert is not None:
         raise UnsupportedError(
-            f"{' with '.join(map(repr, used))}: strategies do not compose in this version of zetta_ray "
-            "(data and pipeline parallelism run on models without MoE layers, one strategy at a time); "
-            "use one strategy"
+            f"{' with '.join(map(repr, [*dense, chosen.expert]))}: data-parallel replicas and pipeline "
+            "stages do not compose with expert parallelism in this version of zetta_ray (they run "
+            "models without MoE layers); use zr.ExpertParallel alone"
         )
-    dense = chosen.data or chosen.pipeline
-    if dense is not None and has_moe_layers(module):
+    if dense and has_moe_layers(module):
         raise UnsupportedError(
-            f"{dense!r} on {type(module).__name__}, which has zr.MoELayer modules: data-parallel "
+            f"{dense[0]!r} on {type(module).__name__}, which has zr.MoELayer modules: data-parallel "
             "replicas and pipeline stages of a model with MoE layers do not run in this version of "
             "zetta_ray; use zr.ExpertParallel"
         )
     if chosen.pipeline is not None:
-        return PipelineModule(module, chosen.pipeline, **options)
+        return PipelineModule(module, chosen.pipeline, data=chosen.data, **options)
     if chosen.data is not None:
         return DataParallelModule(module, chosen.data, **options)
     return DistributedModule(module, chosen.expert, **options)
@@ -146,8 +145,9 @@ def parallelize(
       ``zr.mesh(...)`` come out distributed; outside a mesh they are plain modules.
     * Inside ``zr.mesh(expert=E, data=D)`` the strategies may be left out (see ``resolve_strategies``).
 
-    Strategies compose as ``zr.parallelize(model, *strategies)``; this version runs one at a time
-    (``UnsupportedError`` otherwise) and does not run ``PipelineParallel``.
+    Strategies compose as ``zr.parallelize(model, *strategies)``: ``DataParallel`` with
+    ``PipelineParallel`` gives D pipelines of P stages (a ``PipelineModule``); neither composes with
+    ``ExpertParallel`` in this version (``UnsupportedError``).
 
     ``slice`` says what to reserve (unit kind, spares; default: ``degree`` units of the best kind the
     cluster has) and ``placer`` how to place experts on it; the units come from one Ray placement group,

@@ -15,6 +15,13 @@ stage runs its schedule (1F1B or GPipe: ``actors/pipeline_stage.py``): activatio
 stage to stage, this process receives the micro-batch losses. The loss is their mean; the update equals
 one process that accumulates ``(loss_m / M).backward()`` over the micro-batches and steps once.
 
+With ``zr.DataParallel(degree=D)`` too, D such pipelines (their stages packed on a node where one has
+room, the pipelines spread over failure domains) each take 1/D of the batch in ``M`` micro-batches
+and reduce their gradients stage by stage at every optimizer step: the update equals one process
+accumulating all ``D * M`` micro-batches. Each stage (of replica 0: one copy per stage) hands its
+state to a MemoryPool actor after every step; a stage that dies is rebuilt from it and the step
+replayed (``control/stage_repair.py``); ``checkpoint=False`` turns that off.
+
 The backward runs with the forward (that is what a pipeline schedule is); ``loss.backward()`` commits
 its parameter gradients, so a training-mode forward whose loss is never differentiated changes
 nothing. Under ``torch.no_grad()`` or ``eval()`` the stages run forward only.
@@ -32,7 +39,7 @@ from torch import nn
 from zetta_ray.actors.wire import tree_from_wire
 from zetta_ray.api.cluster import init
 from zetta_ray.api.lifetime import GroupModule
-from zetta_ray.api.mesh import PipelineParallel
+from zetta_ray.api.mesh import DataParallel, PipelineParallel
 from zetta_ray.api.remote import RemoteLoss, RemoteOutput, split_batch
 from zetta_ray.api.units import UnitRecord
 from zetta_ray.checkpoint import TrickleCheckpoint
@@ -72,24 +79,29 @@ class PipelineModule(GroupModule):
         slice: SliceRequest | None = None,
         placer: PlacerConfig | None = None,
         checkpoint: TrickleCheckpoint | Literal[False] | None = None,
+        data: DataParallel | None = None,
     ):
         trickle = _trickle(checkpoint)
         self.strategy = strategy
         self.stages = strategy.stages
+        self.replicas = data.degree if data is not None else 1
         self.microbatches = strategy.microbatches or 2 * strategy.stages
         self.runtime_config = runtime or RuntimeConfig()
         layers = _pipeline_layers(module, self.stages)
         runs = split_stages(len(layers), self.stages)
         self._keys = list(module.state_dict().keys())
         self._where = _key_map(module, layers, runs)  # model key -> (stage, stage key)
-        request = slice or SliceRequest(units=self.stages, unit_cpus=self.runtime_config.unit_num_cpus)
-        if request.units != self.stages:
+        units = self.stages * self.replicas
+        request = slice or SliceRequest(units=units, unit_cpus=self.runtime_config.unit_num_cpus)
+        if request.units != units:
             raise ConfigError(
                 f"SliceRequest(units={request.units}) does not match PipelineParallel(stages="
-                f"{self.stages}); a slice holds one unit per stage"
+                f"{self.stages}) x DataParallel(degree={self.replicas}); a slice holds one unit per "
+                f"stage of each replica: units={units}"
             )
         init()
-        self._slice: Slice = reserve_replica_slice(request, placer, spread=False)
+        spread = self.replicas > 1  # replicas in different failure domains, each one's stages packed
+        self._slice: Slice = reserve_replica_slice(request, placer, spread=spread, group=self.stages)
         try:
             options = [self._slice.actor_options(b) for b in self._slice.units]
             self.group = StageGroup(
@@ -100,6 +112,7 @@ class PipelineModule(GroupModule):
                 kind=strategy.schedule,
                 trickle=trickle,
                 avoid={b.node_id for b in self._slice.units},
+                replicas=self.replicas,
             )
         except BaseException:
             self._slice.remove()
@@ -120,14 +133,16 @@ class PipelineModule(GroupModule):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self._check_open()
         self._settle()
-        who = f"PipelineParallel(microbatches={self.microbatches})"
-        parts = split_batch(args, kwargs, self.microbatches, who)
+        d, m = self.replicas, self.microbatches
+        who = f"PipelineParallel(microbatches={m})" + (f" x DataParallel(degree={d})" if d > 1 else "")
+        flat = split_batch(args, kwargs, d * m, who)
+        parts = [flat[r * m : (r + 1) * m] for r in range(d)]  # replica r's shard, in micro-batches
         run = self._run = self._run + 1
         backward = self._training and torch.is_grad_enabled()
         calls = self._last = self.group.run(run, parts, backward)
         if self._structure is None:  # the first call: learn what the model returns
-            last = self.group.wait(calls)[-1]
-            self._structure = (last["loss_index"], last["n_outputs"])
+            answer = self.group.wait(calls)[self.group.last_stages()[0]]
+            self._structure = (answer["loss_index"], answer["n_outputs"])
 
         def commit() -> None:
             if not backward:
@@ -138,7 +153,13 @@ class PipelineModule(GroupModule):
 
         # the loss waits for every stage's run, so that a dead stage is seen at once, not at the deadline
         # of the last stage waiting for it
-        loss = RemoteLoss(lambda: self.group.wait(calls)[-1]["losses"], commit, self.microbatches)
+        last = self.group.last_stages()
+
+        def losses() -> list[float]:
+            done = self.group.wait(calls)
+            return [loss for u in last for loss in done[u]["losses"]]
+
+        loss = RemoteLoss(losses, commit, d * m)
         loss_index, n = self._structure
         if n == 1:
             return loss
@@ -183,17 +204,24 @@ class PipelineModule(GroupModule):
 
     @property
     def units(self) -> list[UnitRecord]:
-        """One record per unit (role ``"stage"``, its stage, the node of its bundle)."""
+        """One record per unit (role ``"stage"``, its stage and data rank, the node of its bundle)."""
         return [
-            UnitRecord(index=s, role="stage", node_id=b.node_id, experts=(), stage=s)
-            for s, b in enumerate(self._slice.units)
+            UnitRecord(
+                index=u,
+                role="stage",
+                node_id=b.node_id,
+                experts=(),
+                stage=u % self.stages,
+                data_rank=u // self.stages,
+            )
+            for u, b in enumerate(self._slice.units)
         ]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The model's state with the wrapped module's keys, gathered from the stages."""
         self._check_open()
         self._settle()
-        by_stage = self.group.wait(self.group.each("state_dict", "control"))
+        by_stage = self.group.wait([self.group.call(s, "state_dict", "control") for s in range(self.stages)])
         return {k: torch.from_numpy(np.array(by_stage[s][name])) for k, (s, name) in self._where.items()}
 
 
@@ -222,7 +250,8 @@ class PipelineOptimizer:
         """Every stage's optimizer state, by stage."""
         owner = self._owner
         owner._settle()
-        states = owner.group.wait(owner.group.each("optimizer_state", "control"))
+        group = owner.group
+        states = group.wait([group.call(s, "optimizer_state", "control") for s in range(group.stages)])
         return {"stages": [tree_from_wire(s) for s in states]}
 
 

@@ -19,7 +19,8 @@ class UnitRecord:
             pipeline stage, a contiguous run of a dense model's layers (``zr.PipelineParallel``).
         node_id: the Ray node the unit runs on now (after a recovery: its replacement's node).
         experts: the ``(layer, expert)`` pairs it hosts, in order (none for a ``"data"`` unit).
-        data_rank: a ``"data"`` unit's replica rank (which shard of each batch it trains on); else None.
+        data_rank: a ``"data"`` unit's replica rank (which shard of each batch it trains on), and a
+            ``"stage"`` unit's (its pipeline's rank, with ``zr.DataParallel`` too: 0 without); else None.
         stage: a ``"stage"`` unit's pipeline stage (0 first); else None.
     """
 

@@ -5,7 +5,8 @@ state that it handed to MemoryPool actors after the last snapshotted optimizer s
 and the controller's journal of every call since. The stages of a step depend on each other (a
 micro-batch's activations go forward through all of them, its gradients back), so when stage ``s``
 dies or stalls, ``StageRepair`` (the ``StageGroup``'s supervisor, ``runtime/stages.py``) takes the
-whole pipeline back to ``base``:
+whole pipeline back to ``base`` (with data parallelism, every replica's pipeline: their stages exchange
+gradients at each step; every replica's stage ``s`` restores the one snapshot of stage ``s``):
 
 1. ``abort``: every live stage stops the run it is in (it waits for the dead stage's activations or
    gradients and would otherwise wait until its deadline); queued calls run and are redone below. A
@@ -60,13 +61,13 @@ class StageRepair:
             raise fault
         if group.base is None:
             raise RecoveryFailed(
-                f"stage {s} failed ({fault}) before any snapshot of the pipeline was in a pool; nothing "
+                f"unit {s} failed ({fault}) before any snapshot of its stage was in a pool; nothing "
                 "to rebuild it from"
             ) from fault
         dead = self._abort_live(group, s)
         for r in dead:
             group.restart(r)
-        wait_for(group.each("connect", "control", group.actors), group.cfg.start_deadline_s)
+        wait_for(group.each("connect", "control", group.mesh()), group.cfg.start_deadline_s)
         if group.optimizer_args is not None:
             setup = [group.call(r, "set_optimizer", "control", *group.optimizer_args) for r in dead]
             wait_for(setup, group.cfg.start_deadline_s)

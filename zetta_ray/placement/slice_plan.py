@@ -188,21 +188,31 @@ def _equal_shares(
 
 
 def plan_replica_slice(
-    topology: Topology, request: SliceRequest, config: PlacerConfig | None = None, *, spread: bool = True
+    topology: Topology,
+    request: SliceRequest,
+    config: PlacerConfig | None = None,
+    *,
+    spread: bool = True,
+    group: int = 1,
 ) -> SlicePlan:
     """``request.units`` units of one kind (and its spares) for dense units. ``spread`` (data-parallel
     replicas): over failure domains, each pick taking the unit whose rack, then node, holds the fewest
     picks so far (ties: the lower unit id). Otherwise (pipeline stages, whose neighbours talk every
     micro-batch): packed, in (rack, node, unit) order, so that neighbours share a node where they can.
-    Unit ``i`` is ``unit_U[i]``, in pick order.
+    ``group`` > 1 with ``spread`` (data-parallel pipelines of ``group`` stages): each run of ``group``
+    units packed on one node where one has room, the runs spread over failure domains as single units
+    are. Unit ``i`` is ``unit_U[i]``, in pick order.
 
     Raises ``InfeasibleSliceError`` when the machine lacks the units.
     """
     kind = _choose_kind(topology, request, config or PlacerConfig())
     left = topology.units_of_kind(kind).tolist()
+    left.sort(key=lambda u: (int(topology.unit_rack_U[u]), int(topology.unit_node_U[u]), u))
     if not spread:
-        left.sort(key=lambda u: (int(topology.unit_rack_U[u]), int(topology.unit_node_U[u]), u))
         return _dense_plan(kind, left[: request.units + request.spares], request.units)
+    if group > 1:
+        picks = _spread_groups(topology, left, request.units // group, group)
+        return _dense_plan(kind, picks + [u for u in left if u not in picks][: request.spares], request.units)
     per_rack: dict[int, int] = {}
     per_node: dict[int, int] = {}
     picks: list[int] = []
@@ -221,6 +231,40 @@ def plan_replica_slice(
         per_rack[rack] = per_rack.get(rack, 0) + 1
         per_node[node] = per_node.get(node, 0) + 1
     return _dense_plan(kind, picks, request.units)
+
+
+def _spread_groups(topology: Topology, packed: list[int], groups: int, size: int) -> list[int]:
+    """``groups`` runs of ``size`` units from ``packed`` (in (rack, node, unit) order): each run from the
+    node with room for all of it whose rack, then node, holds the fewest runs so far; a run that no
+    node has room for takes the next units in packed order."""
+    left = list(packed)
+    per_rack: dict[int, int] = {}
+    per_node: dict[int, int] = {}
+    picks: list[int] = []
+    for _ in range(groups):
+        by_node: dict[int, list[int]] = {}
+        for u in left:
+            by_node.setdefault(int(topology.unit_node_U[u]), []).append(u)
+        roomy = [(n, units) for n, units in by_node.items() if len(units) >= size]
+        if roomy:
+            _, units = min(
+                roomy,
+                key=lambda nu: (
+                    per_rack.get(int(topology.unit_rack_U[nu[1][0]]), 0),
+                    per_node.get(nu[0], 0),
+                    nu[0],
+                ),
+            )
+            run = units[:size]
+        else:
+            run = left[:size]
+        for u in run:
+            left.remove(u)
+        picks += run
+        rack, node = int(topology.unit_rack_U[run[0]]), int(topology.unit_node_U[run[0]])
+        per_rack[rack] = per_rack.get(rack, 0) + 1
+        per_node[node] = per_node.get(node, 0) + 1
+    return picks
 
 
 def _dense_plan(kind: str, picks: list[int], units: int) -> SlicePlan:

@@ -119,11 +119,12 @@ def _bundle_resources(kind: str, node: dict[str, Any], unit_cpus: float) -> dict
 
 
 def reserve_replica_slice(
-    request: SliceRequest, config: PlacerConfig | None = None, *, spread: bool = True
+    request: SliceRequest, config: PlacerConfig | None = None, *, spread: bool = True, group: int = 1
 ) -> Slice:
     """A slice of dense units (``plan_replica_slice``: data-parallel replicas spread over failure
-    domains, or pipeline stages packed), reserved as ``reserve_slice`` reserves one."""
-    return reserve_slice(request, None, config, spread=spread)
+    domains, pipeline stages packed, or pipelines of ``group`` stages packed and spread), reserved as
+    ``reserve_slice`` reserves one."""
+    return reserve_slice(request, None, config, spread=spread, group=group)
 
 
 def reserve_slice(
@@ -132,6 +133,7 @@ def reserve_slice(
     config: PlacerConfig | None = None,
     *,
     spread: bool = True,
+    group: int = 1,
 ) -> Slice:
     """Plan ``request`` on the live cluster and reserve it as one placement group (``workload`` None:
     a slice of dense replicas, with no experts to place).
@@ -150,7 +152,7 @@ def reserve_slice(
 
     def plan_on(t: Topology) -> SlicePlan:
         return (
-            plan_replica_slice(t, request, config)
+            plan_replica_slice(t, request, config, spread=spread, group=group)
             if workload is None
             else plan_slice(t, workload, request, config)
         )

@@ -47,7 +47,9 @@ Parts = list[tuple[list[Any], dict[str, Any]]]  # a run's micro-batches, each ([
 
 
 class StageGroup(ActorGroup):
-    """The stages of one pipeline; stage ``s`` holds ``layers[s]`` and is unit ``s`` in faults."""
+    """``replicas`` pipelines of the stages ``layers``: stage ``s`` of replica ``d`` holds ``layers[s]``
+    and is unit ``d * stages + s`` (its index in ``actors`` and in faults). Same-stage units of the
+    replicas reduce their gradients at every optimizer step (data parallelism)."""
 
     def __init__(
         self,
@@ -60,26 +62,37 @@ class StageGroup(ActorGroup):
         seed: int = 0,
         trickle: TrickleCheckpoint | None = None,
         avoid: set[str] | None = None,
+        replicas: int = 1,
+        bucket_bytes: int = 25 * 2**20,
     ):
-        super().__init__(len(layers), cfg, options)
+        self.stages, self.replicas = len(layers), replicas
+        super().__init__(self.stages * replicas, cfg, options)
         self.microbatches = microbatches
-        self.schedules = [schedule(kind, self.world, s, microbatches) for s in range(self.world)]
+        self.schedules = [
+            schedule(kind, self.stages, u % self.stages, microbatches) for u in range(self.world)
+        ]
         self.pools: list[Any] = []
         self.every = trickle.every if trickle is not None else 1
         self.journal: list[Entry] = []  # calls since the snapshots of step ``base``
-        self.feeds: dict[int, Parts] = {}  # run -> its micro-batches, for the journal's runs
+        self.feeds: dict[int, list[Parts]] = {}  # run -> each replica's micro-batches, for the journal
         self.base: int | None = None  # the newest step whose snapshots every stage has in a pool
         self.optimizer_args: tuple[Any, Any] | None = None  # (class, kwargs), for a replacement
         self.stale: list[Any] = []  # results of calls a recovery redid: read and dropped at settle
         self._layers = [ray.put(list(run)) for run in layers]  # kept for a replacement stage
-        self._init = {"seed": seed, "threads": cfg.threads_per_unit, "deadline_s": cfg.deadline_s}
+        self._init = {
+            "seed": seed,
+            "threads": cfg.threads_per_unit,
+            "deadline_s": cfg.deadline_s,
+            "replicas": replicas,
+            "bucket_bytes": bucket_bytes,
+        }
         try:
             if trickle is not None:
                 self.pools = start_pools(
                     avoid or set(), trickle.replicas, trickle.pool_bytes, cfg.start_deadline_s
                 )
-            self.actors = [self._start(s) for s in range(self.world)]
-            self.wait(self.each("connect", "control", self.actors), start=True)
+            self.actors = [self._start(u) for u in range(self.world)]
+            self.wait(self.each("connect", "control", self.mesh()), start=True)
             if self.pools:
                 self.snapshot(0)
                 self.settle()
@@ -87,10 +100,19 @@ class StageGroup(ActorGroup):
             self.close()
             raise
 
-    def _start(self, s: int) -> Any:
-        return PipelineStageActor.options(**self.options[s]).remote(
-            s, self.world, self._layers[s], **self._init
+    def _start(self, u: int) -> Any:
+        d, s = divmod(u, self.stages)
+        return PipelineStageActor.options(**self.options[u]).remote(
+            s, self.stages, self._layers[s], replica=d, **self._init
         )
+
+    def mesh(self) -> list[list[Any]]:
+        """The stage actors by replica, then stage."""
+        return [self.actors[d * self.stages : (d + 1) * self.stages] for d in range(self.replicas)]
+
+    def last_stages(self) -> list[int]:
+        """The unit of each replica's last stage, in replica order."""
+        return [d * self.stages + self.stages - 1 for d in range(self.replicas)]
 
     # -- calls ---------------------------------------------------------------------------------------
 
@@ -107,17 +129,20 @@ class StageGroup(ActorGroup):
             self.journal.append(entry)
         return entry.calls
 
-    def feed(self, run: int, parts: Parts) -> None:
-        """The micro-batches of ``run``: inputs into the first stage's inbox, targets into the last's."""
-        first, last = self.actors[0], self.actors[-1]
-        for m, (args, _) in enumerate(parts):
-            first.deliver.remote("act", run, m, args[0])
-            last.deliver.remote("target", run, m, args[1])
+    def feed(self, run: int, parts: list[Parts]) -> None:
+        """The micro-batches of ``run`` (``parts[d]``: replica ``d``'s): inputs into each replica's first
+        stage's inbox, targets into its last's."""
+        for d, shard in enumerate(parts):
+            first, last = self.actors[d * self.stages], self.actors[d * self.stages + self.stages - 1]
+            for m, (args, _) in enumerate(shard):
+                first.deliver.remote("act", run, m, args[0])
+                last.deliver.remote("target", run, m, args[1])
 
-    def run(self, run: int, parts: Parts, backward: bool) -> list[Call]:
-        """Run ``run`` over the micro-batches ``parts`` (each ``([x, y], {})``): inputs to the first
-        stage, targets to the last, then every stage's schedule. Returns the ``run`` calls by stage."""
-        for args, kwargs in parts:
+    def run(self, run: int, parts: list[Parts], backward: bool) -> list[Call]:
+        """Run ``run`` over each replica's micro-batches ``parts[d]`` (each ``([x, y], {})``): inputs to
+        its first stage, targets to its last, then every stage's schedule. Returns the ``run`` calls
+        by unit."""
+        for args, kwargs in (part for shard in parts for part in shard):
             if kwargs or len(args) != 2:
                 raise TypeError(
                     "a pipelined model is called as dmodel(x, y): the first layer takes x, the last "
@@ -127,8 +152,8 @@ class StageGroup(ActorGroup):
         if self.pools:
             self.feeds[run] = parts
         self.feed(run, parts)
-        per_stage = [(run, self.schedules[s], self.microbatches, backward) for s in range(self.world)]
-        return self.submit("run", "forward", per_stage=per_stage)
+        per_unit = [(run, self.schedules[u], self.microbatches, backward) for u in range(self.world)]
+        return self.submit("run", "forward", per_stage=per_unit)
 
     def snapshot(self, step: int) -> list[Call]:
         """Every stage hands its state after ``step`` optimizer steps to the pools (journaled)."""
@@ -159,7 +184,7 @@ class StageGroup(ActorGroup):
         runs = {e.args[0][0] for e in self.journal if e.method == "run"}
         self.feeds = {r: p for r, p in self.feeds.items() if r in runs}
         if self.base is not None and step > self.base:
-            for s in range(self.world):
+            for s in range(self.stages):
                 for pool in self.pools:
                     pool.drop_before.remote(f"stage-{s}", step)
         self.base = step
@@ -176,6 +201,8 @@ class StageGroup(ActorGroup):
     def _held(self, entry: Entry) -> bool:
         acks = self.wait(entry.calls)  # each stage's list of its pools' acknowledgement refs
         for s, refs in enumerate(acks):
+            if not refs:
+                continue  # a replica's stage other than replica 0's: its column keeps one copy
             held = 0
             for pool, ref in zip(self.pools, refs, strict=True):
                 try:
@@ -187,15 +214,17 @@ class StageGroup(ActorGroup):
                 return False
         return True
 
-    def restart(self, s: int) -> Any:
-        """Kill stage ``s`` (if it still runs) and start a new one in its place; returns it."""
-        ray.kill(self.actors[s], no_restart=True)
-        self.actors[s] = self._start(s)
-        return self.actors[s]
+    def restart(self, u: int) -> Any:
+        """Kill unit ``u`` (if it still runs) and start a new one in its place; returns it."""
+        ray.kill(self.actors[u], no_restart=True)
+        self.actors[u] = self._start(u)
+        return self.actors[u]
 
     def output(self, index: int) -> np.ndarray:
-        """Output ``index`` of the last run (the last stage's, micro-batches concatenated)."""
-        return self.wait([self.call(self.world - 1, "output", "forward", index)])[0]
+        """Output ``index`` of the last run: each replica's last stage's (micro-batches concatenated),
+        concatenated in replica order."""
+        calls = [self.call(u, "output", "forward", index) for u in self.last_stages()]
+        return np.concatenate(self.wait(calls), axis=0)
 
     def close(self) -> None:
         super().close()
