@@ -67,11 +67,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every,
         pool_bytes=args.pool_bytes,
+        data_parallel=args.data_parallel,
+        pipeline_stages=args.pipeline_stages,
+        microbatches=args.microbatches,
     )
     t, m = cfg.train, cfg.model
     _err(
         f"zetta-ray train: {t.steps} steps, batch {t.batch_size} x {m.seq_len} tokens, d_model {m.d_model}, "
-        f"{m.n_layers} layers x {m.n_experts} experts over {t.expert_degree} units, seed {t.seed}"
+        f"{m.n_layers} layers x {m.n_experts} experts over {t.expert_degree} units"
+        + (f", {t.data_parallel} dense replicas" if t.data_parallel > 1 else "")
+        + f", seed {t.seed}"
     )
     bars: list[tqdm] = []  # made at the first step, so its rate ignores cluster and actor start-up
 
@@ -122,6 +127,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir"
     )
+    p.add_argument(
+        "--data-parallel", type=int, metavar="D", help="dense replicas sharing the expert units (default 1)"
+    )
+    p.add_argument("--pipeline-stages", type=int, metavar="P", help="pipeline stages (dense models only)")
+    p.add_argument("--microbatches", type=int, metavar="M", help="micro-batches per pipeline step (2P)")
     p.set_defaults(func=_cmd_train)
 
 

@@ -115,6 +115,11 @@ class TrainConfig:
     the training thread; ``zetta-ray train --resume`` continues from the newest one. ``pool_bytes`` is
     ``TrickleCheckpoint.pool_bytes``: the most bytes of snapshots each node's MemoryPool holds.
 
+    ``data_parallel`` > 1 trains that many dense replicas, each on its share of every batch, sharing
+    the ``expert_degree`` expert units (``zr.DataParallel``); ``pipeline_stages`` > 1 asks for pipeline
+    stages of ``microbatches`` micro-batches (default ``2 * pipeline_stages``), which this version runs
+    on dense models only, so ``zetta-ray train`` refuses it for the MoE transformer by name.
+
     ``data_dir`` is the corpus directory itself; ``None`` uses ``~/.cache/zetta_ray/corpus-<hash of the
     corpus settings>`` (``XDG_CACHE_HOME`` is honoured). The corpus is built there on first use.
     """
@@ -130,6 +135,9 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 100
     pool_bytes: int = 2 << 30
+    data_parallel: int = 1
+    pipeline_stages: int = 1
+    microbatches: int | None = None
 
     def __post_init__(self) -> None:
         c = "TrainConfig"
@@ -140,8 +148,29 @@ class TrainConfig:
             "corpus_bytes",
             "checkpoint_every",
             "pool_bytes",
+            "data_parallel",
+            "pipeline_stages",
         ):
             positive_int(f"{c}.{name}", getattr(self, name))
+        if self.microbatches is not None:
+            positive_int(f"{c}.microbatches", self.microbatches)
+        parts = self.data_parallel * (
+            self.microbatches or (2 * self.pipeline_stages if self.pipeline_stages > 1 else 1)
+        )
+        check(
+            self.batch_size % parts == 0,
+            f"{c}.batch_size",
+            self.batch_size,
+            f"must split into data_parallel x microbatches = {parts} equal parts; use a multiple of {parts}",
+        )
+        check(
+            self.data_parallel == 1 or self.checkpoint_dir is None,
+            f"{c}.checkpoint_dir",
+            self.checkpoint_dir,
+            "must be None with data_parallel > 1: durable checkpoints of data-parallel replicas and the "
+            "expert units they share are not written in this version (a dead replica is rebuilt from a "
+            "live sibling instead)",
+        )
         check(is_number(self.lr) and self.lr > 0, f"{c}.lr", self.lr, "must be a number > 0")
         check(
             is_number(self.weight_decay) and self.weight_decay >= 0,

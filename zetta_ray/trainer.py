@@ -5,8 +5,9 @@ It is the loop a researcher would write with the public API, nothing more:
     zr.init(address)
     torch.manual_seed(seed)
     model = zr.MoETransformer(model_cfg)
-    with zr.mesh(expert=D):
-        dmodel = zr.parallelize(model, zr.ExpertParallel(degree=D), runtime=runtime_cfg)
+    dmodel = zr.parallelize(model, zr.ExpertParallel(degree=E), runtime=runtime_cfg)
+    # or, with TrainConfig.data_parallel = D: D dense replicas sharing the E expert units
+    dmodel = zr.parallelize(model, zr.ExpertParallel(degree=E), zr.DataParallel(degree=D), ...)
     opt = dmodel.optimizer(torch.optim.AdamW, lr=..., weight_decay=...)
     for x, y in loader:
         opt.zero_grad(); logits, loss = dmodel(x, y); loss.backward(); opt.step()
@@ -139,16 +140,18 @@ def train(
     degree = train_cfg.expert_degree
     say(f"starting {degree} compute units for {model_cfg.n_layers} x {model_cfg.n_experts} experts")
     durable = train_cfg.checkpoint_dir is not None
-    checkpoint = zr.TrickleCheckpoint(
+    checkpoint: zr.TrickleCheckpoint | bool = zr.TrickleCheckpoint(
         durable_uri=train_cfg.checkpoint_dir,
         durable_every=train_cfg.checkpoint_every,
         pool_bytes=train_cfg.pool_bytes,
     )
-    with zr.mesh(expert=degree):
-        dmodel = zr.parallelize(
-            model, zr.ExpertParallel(degree=degree), runtime=runtime_cfg, checkpoint=checkpoint
-        )
-    dmodel.track_data_position(lambda: loader.state().to_dict())
+    strategies = _strategies(train_cfg)
+    if len(strategies) > 1:
+        say(f"mesh: {' x '.join(map(repr, strategies))}")
+        checkpoint = False  # dense replicas recover from a sibling; no snapshots of them (config.py)
+    dmodel = zr.parallelize(model, *strategies, runtime=runtime_cfg, checkpoint=checkpoint)
+    if isinstance(dmodel, zr.DistributedModule):
+        dmodel.track_data_position(lambda: loader.state().to_dict())
     resumed_from = None
     try:
         opt = dmodel.optimizer(torch.optim.AdamW, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
@@ -196,6 +199,18 @@ def train(
         resumed_from=resumed_from,
         recoveries=recoveries,
     )
+
+
+def _strategies(t: TrainConfig) -> list[Any]:
+    """The mesh of a run: the experts on ``expert_degree`` units, and data or pipeline parallelism of
+    the dense part when asked for."""
+    strategies: list[Any] = [zr.ExpertParallel(degree=t.expert_degree)]
+    if t.data_parallel > 1:
+        strategies.append(zr.DataParallel(degree=t.data_parallel))
+    if t.pipeline_stages > 1:
+        m = t.microbatches or 2 * t.pipeline_stages
+        strategies.append(zr.PipelineParallel(stages=t.pipeline_stages, microbatches=m))
+    return strategies
 
 
 def state_sha256(state: dict[str, torch.Tensor]) -> str:

@@ -89,3 +89,26 @@ def test_train_command_passes_pool_bytes_to_the_checkpointing(address: str, tmp_
     done = subprocess.run(zetta_ray_command(*args), capture_output=True, text=True, timeout=180)
     assert done.returncode == 1, (done.stdout, done.stderr[-3000:])
     assert "step-0 snapshot does not fit" in done.stderr and "pool_bytes" in done.stderr, done.stderr[-3000:]
+
+
+def test_train_command_runs_data_parallel_replicas_sharing_the_expert_units(
+    address: str, tmp_path: Path
+) -> None:
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_TOML)
+    metrics = tmp_path / "metrics.json"
+    args = ["train", "--config", str(config), "--steps", "4", "--address", address, "--data-parallel", "2"]
+    args += ["--data-dir", str(tmp_path / "corpus"), "--metrics-json", str(metrics)]
+    done = subprocess.run(zetta_ray_command(*args), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 dense replicas" in done.stderr and "DataParallel(degree=2)" in done.stderr
+    record = json.loads(metrics.read_text())
+    assert record["config"]["train"]["data_parallel"] == 2
+    assert len(record["steps"]) == 4 and all(math.isfinite(s["loss"]) for s in record["steps"])
+    # pipeline stages of the MoE transformer: refused by name, before any training
+    args = ["train", "--config", str(config), "--steps", "2", "--address", address, "--pipeline-stages", "2"]
+    args += ["--data-dir", str(tmp_path / "corpus")]
+    done = subprocess.run(zetta_ray_command(*args), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1 and "pipeline stages that dispatch to expert units" in done.stderr, (
+        done.stderr
+    )

@@ -108,3 +108,18 @@ def test_a_subcommand_is_required(capsys: pytest.CaptureFixture[str]) -> None:
         build_parser().parse_args([])
     assert exit_info.value.code == 2
     assert "COMMAND" in capsys.readouterr().err
+
+
+def test_mesh_keys_of_the_train_table_are_checked_before_anything_starts(tmp_path):
+    config = tmp_path / "mesh.toml"
+    config.write_text("[train]\ndata_parallel = 2\npipeline_stages = 1\nbatch_size = 8\n")
+    assert load_config(config, microbatches=None).train.data_parallel == 2
+    assert load_config(config, data_parallel=4).train.data_parallel == 4  # the flag beats the file
+    with pytest.raises(ConfigError, match="batch_size=6 .* 4 equal parts; use a multiple of 4"):
+        zr.TrainConfig(batch_size=6, data_parallel=4)
+    with pytest.raises(ConfigError, match="batch_size=8 .* 12 equal parts"):
+        zr.TrainConfig(batch_size=8, data_parallel=2, pipeline_stages=3)  # 2 x the default 2 * 3
+    with pytest.raises(ConfigError, match="checkpoint_dir=.* must be None with data_parallel > 1"):
+        zr.TrainConfig(data_parallel=2, checkpoint_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="data_parallel"):
+        zr.TrainConfig(data_parallel=0)

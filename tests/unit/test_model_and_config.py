@@ -99,8 +99,8 @@ def test_strategy_and_mesh_validation_without_ray():
     with pytest.raises(ConfigError, match="no zr.MoELayer"):
         zr.parallelize(torch.nn.Linear(2, 2), zr.ExpertParallel(degree=1))
     with (
-        zr.mesh(expert=2, data=2),
-        pytest.raises(UnsupportedError, match="DataParallel.degree=2. with ExpertParallel"),
+        zr.mesh(expert=2, pipeline=2),
+        pytest.raises(UnsupportedError, match="pipeline stages that dispatch to expert units"),
     ):
         zr.parallelize(model)
     with zr.mesh(expert=2), pytest.raises(ConfigError, match="does not match"):

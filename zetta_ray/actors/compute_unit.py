@@ -3,7 +3,8 @@
 A unit owns its experts' parameters, their gradients and their optimizer state; none of these ever leave
 it except as a snapshot. Forward keeps what backward needs under a key (step, layer, micro-batch);
 backward accumulates parameter gradients here and returns only input gradients; ``step`` applies the
-unit's own optimizer.
+unit's own optimizer. Shared by data-parallel replicas, a unit keeps each replica's gradients apart
+until the step (``actors/sources.py``).
 
 Expert keys are ``(layer, expert)``; in state dicts a parameter is named ``"{layer}.{expert}.{name}"``.
 Shape legend: N = rows sent to this unit (its experts' rows, grouped by expert), D = model dim
@@ -24,6 +25,7 @@ from torch import nn
 
 from zetta_ray.actors.shm import SharedRows
 from zetta_ray.actors.snapshot import restore_unit, unit_gradients, unit_snapshot
+from zetta_ray.actors.sources import SourceGrads
 from zetta_ray.actors.staging import SlotWriter, StagedSnapshot, staged_bytes
 from zetta_ray.actors.wire import from_wire, reply, to_wire, tree_from_wire, tree_to_wire
 from zetta_ray.checkpoint import Snapshot, decode_snapshot
@@ -33,7 +35,7 @@ __all__ = ["ComputeUnit", "ComputeUnitActor"]
 logger = logging.getLogger(__name__)
 
 ExpertKey = tuple[int, int]
-SaveKey = tuple[int, int, int]  # (step, layer, micro-batch)
+SaveKey = tuple[int, ...]  # (step, layer, micro-batch), then (rank, incarnation) from a replica
 
 
 class ComputeUnit:
@@ -49,6 +51,9 @@ class ComputeUnit:
         self.optimizer: torch.optim.Optimizer | None = None
         self.steps_applied = 0
         self._saved: dict[SaveKey, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._sources = SourceGrads(
+            [p for key in sorted(self.experts) for p in self.experts[key].parameters()]
+        )
         self._delays: dict[str, list[float]] = {}
         self.calls: Counter[str] = Counter()  # calls served, by phase
         self.grad_epoch = 0  # how many zero_grad() the controller has issued that we have applied
@@ -102,7 +107,12 @@ class ComputeUnit:
                 f"unit {self.unit_id} holds no activations for (step, layer, micro-batch)={key}: backward "
                 "ran twice for one forward, or after the optimizer step that ended its step"
             ) from None
-        y.backward(from_wire(dy_ND))
+        dy = from_wire(dy_ND)
+        if len(key) == 5:  # from a data-parallel replica: its own sums (actors/sources.py)
+            if not self._sources.accumulate((key[3], key[4]), lambda: y.backward(dy)):
+                return None  # a dead incarnation's call: its replacement redoes it
+        else:
+            y.backward(dy)
         return None if x.grad is None else reply(x.grad, out)
 
     # How the engine sends forward and backward: the rows, and one tuple of the other arguments in the
@@ -130,12 +140,17 @@ class ComputeUnit:
     def zero_grad(self) -> None:
         for expert in self.experts.values():
             expert.zero_grad(set_to_none=True)
+        self._sources.clear()
 
-    def step(self, step: int, grad_epoch: int = 0) -> int:
-        """Apply this unit's optimizer for ``step`` and drop activations no backward will use."""
+    def step(self, step: int, grad_epoch: int = 0, replicas: int = 0) -> int:
+        """Apply this unit's optimizer for ``step`` and drop activations no backward will use. With
+        ``replicas`` (data parallelism) the gradients are first the mean of the replicas' sums, in rank
+        order (``actors/sources.py``)."""
         self._enter("optimizer", grad_epoch)
         if self.optimizer is None:
             raise RuntimeError(f"unit {self.unit_id}: step({step}) before set_optimizer")
+        if replicas:
+            self._sources.write_mean(replicas)
         self.optimizer.step()
         self.steps_applied += 1
         self.rng_at_step = torch.get_rng_state()

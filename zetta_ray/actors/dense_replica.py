@@ -17,7 +17,10 @@ of the last pass only.
 ``DenseReplica`` is plain PyTorch and numpy with the transport injected (``send``), so a test or a GPU
 smoke script drives replicas in one process; ``DenseReplicaActor`` is the Ray actor, whose ``receive``
 runs in a concurrency group of its own so that peers' buckets are taken while this replica computes.
-Touches Ray: the actor wrapper only (``ray.remote``, ``ray.put`` of each bucket once for all peers).
+With ``experts`` (``zr.ExpertParallel`` too) the replica's MoE layers send their rows straight to the
+shared expert units (``runtime/expert_client.py``); the controller steps those units.
+Touches Ray: the actor wrapper (``ray.remote``, ``ray.put`` of each bucket once for all peers), and
+the expert units' calls through the expert client.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from torch import nn
 from zetta_ray.actors.buckets import BucketInbox, GradBuckets, reduce_into
 from zetta_ray.actors.wire import tree_from_wire, tree_to_wire
 from zetta_ray.errors import DeadlineExceeded
+from zetta_ray.runtime.expert_client import attach_experts
 
 __all__ = ["DenseReplica", "DenseReplicaActor", "split_outputs"]
 
@@ -85,11 +89,15 @@ class DenseReplica:
         bucket_bytes: int = 25 * 2**20,
         send: Send | None = None,
         deadline_s: float = 60.0,
+        experts: dict[str, Any] | None = None,
+        incarnation: int = 0,
     ):
         torch.set_num_threads(threads)
         self.seed = seed
         self.rank, self.world = rank, world
         self.module = module
+        # with expert parallelism: the MoE layers call the shared expert units (runtime/expert_client.py)
+        self.experts = attach_experts(module, source=(rank, incarnation), **experts) if experts else None
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.send = send
         self.deadline_s = deadline_s
@@ -194,6 +202,8 @@ class DenseReplica:
         with self.state_lock:
             self.optimizer.step()
             self.steps_applied += 1
+            if self.experts is not None:
+                self.experts.count_step()  # the controller steps the expert units
 
     def zero_grad(self) -> None:
         with self.state_lock:
@@ -201,6 +211,8 @@ class DenseReplica:
             self.epoch += 1
             self.passes = 0
             self.sent = {}
+            if self.experts is not None:
+                self.experts.zero_grad()
 
     def train(self, mode: bool) -> None:
         self.module.train(mode)
@@ -234,6 +246,8 @@ class DenseReplica:
         self.steps_applied = state["steps_applied"]
         self.epoch = state["epoch"]
         self.passes = 0
+        if self.experts is not None:
+            self.experts.sync(self.steps_applied, self.epoch)
         self.module.train(state["training"])
 
     def load_state_dict(self, tensors: dict[str, np.ndarray]) -> None:

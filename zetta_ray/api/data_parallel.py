@@ -1,6 +1,8 @@
 """``DataParallelModule``: a dense model trained by data-parallel replicas on ComputeUnit actors.
 
-``zr.parallelize(model, zr.DataParallel(degree=D))`` builds one for a model without MoE layers. This
+``zr.parallelize(model, zr.DataParallel(degree=D))`` builds one for a dense model; with
+``zr.ExpertParallel(degree=E)`` too, for a model with MoE layers, whose experts then live on E expert
+units that every replica calls directly (``api/expert_units.py``). This
 process does no model compute: a call splits the batch (dim 0 of every tensor argument) into ``D`` equal
 shards and submits one forward per replica; ``loss.backward()`` and ``opt.step()`` submit the replicas'
 backward and optimizer step and return at once. The replicas reduce their gradients among themselves
@@ -26,14 +28,15 @@ from torch import nn
 
 from zetta_ray.actors.wire import tree_from_wire
 from zetta_ray.api.cluster import init
+from zetta_ray.api.expert_units import SharedExperts
 from zetta_ray.api.lifetime import GroupModule
-from zetta_ray.api.mesh import DataParallel
+from zetta_ray.api.mesh import DataParallel, ExpertParallel
 from zetta_ray.api.remote import RemoteLoss, RemoteOutput, split_batch
 from zetta_ray.api.units import UnitRecord
 from zetta_ray.checkpoint import TrickleCheckpoint
 from zetta_ray.config import RuntimeConfig
 from zetta_ray.control.sibling_repair import ReplicaRecovery, SiblingRepair
-from zetta_ray.errors import ConfigError
+from zetta_ray.errors import ConfigError, UnsupportedError
 from zetta_ray.placement.plan import PlacerConfig
 from zetta_ray.placement.slice_plan import SliceRequest
 from zetta_ray.placement.slices import Slice, reserve_replica_slice
@@ -68,6 +71,7 @@ class DataParallelModule(GroupModule):
         slice: SliceRequest | None = None,
         placer: PlacerConfig | None = None,
         checkpoint: TrickleCheckpoint | Literal[False] | None = None,
+        experts: ExpertParallel | None = None,
     ):
         self.refuse_trickle(
             checkpoint, "data-parallel replicas", "a dead replica is rebuilt from a live sibling"
@@ -85,15 +89,26 @@ class DataParallelModule(GroupModule):
             )
         init()
         self._keys = list(module.state_dict().keys())
-        self._slice: Slice = reserve_replica_slice(request, placer)
+        self.experts: SharedExperts | None = None
+        if experts is not None:  # the experts go to units of their own, which every replica calls
+            self.experts = SharedExperts(module, experts, self.world, self.runtime_config, placer)
+        try:
+            self._slice: Slice = reserve_replica_slice(request, placer)
+        except BaseException:
+            self._close_experts()
+            raise
         try:
             options = [self._slice.actor_options(b) for b in self._slice.units]
-            self.group = ReplicaGroup(module, self.world, self.runtime_config, options)
+            link = self.experts.link() if self.experts is not None else None
+            self.group = ReplicaGroup(module, self.world, self.runtime_config, options, experts=link)
         except BaseException:
             self._slice.remove()
+            self._close_experts()
             raise
         self._repair = SiblingRepair()
         self.group.supervisor = self._repair
+        if self.experts is not None:
+            self.group.experts_failed = self.experts.unrecovered
         module.to("meta")  # the replicas hold the weights now
         self.module = module
         self._structure: tuple[int, int] | None = None  # (loss index, number of outputs)
@@ -133,12 +148,18 @@ class DataParallelModule(GroupModule):
         self._submit("backward", "backward")
 
     def _step(self) -> None:
+        if self.experts is not None:  # every replica's calls to the expert units are in: step them
+            backward = [c for entry in self.group.journal if entry.method == "backward" for c in entry.calls]
+            self.group.wait(backward)
+            self.experts.step()
         self._submit("step", "optimizer", self._passes)
         self.group.step += 1
 
     def _zero_grad(self) -> None:
         self._passes = 0
         self._submit("zero_grad", "control")
+        if self.experts is not None:
+            self.experts.zero_grad()
 
     def _submit(self, method: str, phase: str, *args: Any) -> None:
         self.group.submit(method, phase, [args] * self.world)
@@ -147,6 +168,8 @@ class DataParallelModule(GroupModule):
         """Wait (within the deadline) for the calls sent without waiting; a dead replica is rebuilt
         here (``control.sibling_repair``) and a failure that cannot be repaired surfaces here."""
         self.group.settle()
+        if self.experts is not None:
+            self.experts.settle()
 
     def optimizer(self, optimizer_cls: type[torch.optim.Optimizer], **kwargs: Any) -> ReplicatedOptimizer:
         """An ``optimizer_cls(**kwargs)`` on every replica, over its copy of the parameters."""
@@ -154,6 +177,8 @@ class DataParallelModule(GroupModule):
         self._settle()
         self.group.wait(self.group.each("set_optimizer", "control", optimizer_cls, kwargs))
         self.group.optimizer_args = (optimizer_cls, kwargs)
+        if self.experts is not None:
+            self.experts.set_optimizer(optimizer_cls, kwargs)
         self._optimizer = ReplicatedOptimizer(self)
         return self._optimizer
 
@@ -168,11 +193,39 @@ class DataParallelModule(GroupModule):
 
     @property
     def units(self) -> list[UnitRecord]:
-        """One record per unit (role ``"data"``, its data rank, the node of its bundle)."""
-        return [
+        """One record per unit: the replicas (role ``"data"``, data rank, the node of its bundle), then
+        the expert units (role ``"expert"``, the experts each hosts) when there are any."""
+        replicas = [
             UnitRecord(index=r, role="data", node_id=b.node_id, experts=(), data_rank=r)
             for r, b in enumerate(self._slice.units)
         ]
+        return replicas + (self.experts.units(self.world) if self.experts is not None else [])
+
+    def unit_handle(self, index: int) -> Any:
+        """The Ray actor of unit ``index`` of ``units`` now, for fault injection (``zr.chaos``)."""
+        self._check_open()
+        if index >= self.world and self.experts is not None:
+            return self.experts.runtime.units[index - self.world]
+        return self.group.actors[index]
+
+    def unit_stats(self) -> list[dict[str, Any]]:
+        """Every unit's ``ping`` (replicas, then expert units), one remote call each."""
+        self._check_open()
+        experts = self.experts.runtime.ping() if self.experts is not None else []
+        return self.group.wait(self.group.each("ping", "control")) + experts
+
+    def close(self) -> None:
+        """Kill the replicas and the expert units and remove their placement groups. Safe twice."""
+        if not self._closed:
+            try:
+                super().close()
+            finally:
+                self._close_experts()
+
+    def _close_experts(self) -> None:
+        if self.experts is not None:
+            self.experts.close()
+            self.experts = None
 
     @property
     def recoveries(self) -> list[ReplicaRecovery]:
@@ -183,8 +236,10 @@ class DataParallelModule(GroupModule):
         """The model's state with the wrapped module's keys, from replica 0 (all replicas agree)."""
         self._check_open()
         self._settle()
-        state = self.group.state_dict()
-        return {k: torch.from_numpy(np.array(state[k])) for k in self._keys}
+        state = {k: torch.from_numpy(np.array(v)) for k, v in self.group.state_dict().items()}
+        if self.experts is not None:
+            state.update(self.experts.state_dict())
+        return {k: state[k] for k in self._keys}
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         self._check_open()
@@ -193,6 +248,11 @@ class DataParallelModule(GroupModule):
             raise KeyError(
                 f"state dict does not match the model: missing {sorted(missing)[:5]}, unexpected "
                 f"{sorted(unexpected)[:5]}"
+            )
+        if self.experts is not None:
+            raise UnsupportedError(
+                "load_state_dict of a data-parallel model with expert units does not run in this version "
+                "of zetta_ray; load the state into the plain model before zr.parallelize"
             )
         tensors = {k: v.detach().cpu().numpy() for k, v in state_dict.items()}
         self._settle()

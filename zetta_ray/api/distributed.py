@@ -58,13 +58,13 @@ class DistributedModule(Lifetime):
     ):
         self.strategy = strategy
         self.runtime_config = runtime or RuntimeConfig()
-        layers = _moe_layers(module, strategy)
-        request = _slice_request(slice, strategy, self.runtime_config)
+        layers = moe_layers(module, strategy)
+        request = expert_slice_request(slice, strategy, self.runtime_config)
         init()
         self._keys = list(module.state_dict().keys())
         self._expert_prefix = {i: f"{name}.experts." for i, (name, _) in enumerate(layers)}
         experts = [list(layer.experts) for _, layer in layers]
-        self._slice = reserve_slice(request, _workload([layer for _, layer in layers]), placer)
+        self._slice = reserve_slice(request, expert_workload([layer for _, layer in layers]), placer)
         self._runtime: ExpertRuntime | None = None
         self._faults: FaultManager | None = None
         self._optimizer: DistributedOptimizer | None = None
@@ -328,7 +328,7 @@ class DistributedModule(Lifetime):
         return list(self._faults.events) if self._faults is not None else []
 
 
-def _moe_layers(module: nn.Module, strategy: ExpertParallel) -> list[tuple[str, MoELayer]]:
+def moe_layers(module: nn.Module, strategy: ExpertParallel) -> list[tuple[str, MoELayer]]:
     """The ``MoELayer``s of ``module`` by name, checked: there is one, none is parallelized already, and
     the expert degree divides each one's experts."""
     layers = [(name, m) for name, m in module.named_modules() if isinstance(m, MoELayer)]
@@ -363,7 +363,9 @@ def _check_same_layout(saved: Any, have: list[list[int]], info: CheckpointInfo, 
         )
 
 
-def _slice_request(slice: SliceRequest | None, strategy: ExpertParallel, cfg: RuntimeConfig) -> SliceRequest:
+def expert_slice_request(
+    slice: SliceRequest | None, strategy: ExpertParallel, cfg: RuntimeConfig
+) -> SliceRequest:
     """``slice``, or one unit per degree by default; it must hold one unit per degree."""
     request = slice or SliceRequest(units=strategy.degree, unit_cpus=cfg.unit_num_cpus)
     if request.units != strategy.degree:
@@ -374,7 +376,7 @@ def _slice_request(slice: SliceRequest | None, strategy: ExpertParallel, cfg: Ru
     return request
 
 
-def _workload(layers: list[MoELayer], tokens_per_step: int = 8192) -> Workload:
+def expert_workload(layers: list[MoELayer], tokens_per_step: int = 8192) -> Workload:
     """What the placer needs to know of the model: expert count, shape and routing."""
     first = layers[0]
     d_model = first.gate.in_features

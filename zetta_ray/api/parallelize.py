@@ -90,21 +90,23 @@ def has_moe_layers(module: nn.Module) -> bool:
 
 def _build(module: nn.Module, strategies: tuple[Any, ...], options: dict[str, Any]) -> Any:
     chosen = resolve_strategies(module, strategies)
-    dense = [s for s in (chosen.data, chosen.pipeline) if s is not None]
-    if dense and chosen.expert is not None:
+    moe = has_moe_layers(module)
+    if chosen.pipeline is not None and (chosen.expert is not None or moe):
         raise UnsupportedError(
-            f"{' with '.join(map(repr, [*dense, chosen.expert]))}: data-parallel replicas and pipeline "
-            "stages do not compose with expert parallelism in this version of zetta_ray (they run "
-            "models without MoE layers); use zr.ExpertParallel alone"
+            f"{chosen.pipeline!r} on a model with MoE layers (or with {chosen.expert!r}): pipeline stages "
+            "that dispatch to expert units do not run in this version of zetta_ray; use "
+            "zr.DataParallel with zr.ExpertParallel, or either alone"
         )
-    if dense and has_moe_layers(module):
+    if chosen.data is not None and chosen.expert is not None and not moe:
         raise UnsupportedError(
-            f"{dense[0]!r} on {type(module).__name__}, which has zr.MoELayer modules: data-parallel "
-            "replicas and pipeline stages of a model with MoE layers do not run in this version of "
-            "zetta_ray; use zr.ExpertParallel"
+            f"{chosen.expert!r} with {chosen.data!r} on {type(module).__name__}, which has no zr.MoELayer: "
+            "there are no experts to put on expert units; use zr.DataParallel alone"
         )
     if chosen.pipeline is not None:
         return PipelineModule(module, chosen.pipeline, data=chosen.data, **options)
+    if chosen.data is not None and moe:
+        expert = chosen.expert or ExpertParallel(degree=1)
+        return DataParallelModule(module, chosen.data, experts=expert, **options)
     if chosen.data is not None:
         return DataParallelModule(module, chosen.data, **options)
     return DistributedModule(module, chosen.expert, **options)
@@ -146,8 +148,9 @@ def parallelize(
     * Inside ``zr.mesh(expert=E, data=D)`` the strategies may be left out (see ``resolve_strategies``).
 
     Strategies compose as ``zr.parallelize(model, *strategies)``: ``DataParallel`` with
-    ``PipelineParallel`` gives D pipelines of P stages (a ``PipelineModule``); neither composes with
-    ``ExpertParallel`` in this version (``UnsupportedError``).
+    ``PipelineParallel`` gives D pipelines of P stages (a ``PipelineModule``); ``DataParallel`` with
+    ``ExpertParallel`` on an MoE model gives D dense replicas sharing E expert units (a
+    ``DataParallelModule``). ``PipelineParallel`` with experts is refused (``UnsupportedError``).
 
     ``slice`` says what to reserve (unit kind, spares; default: ``degree`` units of the best kind the
     cluster has) and ``placer`` how to place experts on it; the units come from one Ray placement group,

@@ -58,6 +58,9 @@ class SiblingRepair:
         r = fault.unit - group.first_unit
         if not 0 <= r < group.world:
             raise fault
+        inner = getattr(fault, "cause", None)
+        if isinstance(inner, UnitFault) and inner.experts and group.experts_failed is not None:
+            raise group.experts_failed(inner) from fault  # a shared expert unit, not the replica
         siblings = [s for s in range(group.world) if s != r]
         if not siblings:
             raise RecoveryFailed(

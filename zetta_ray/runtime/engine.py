@@ -69,6 +69,7 @@ class ExpertRuntime:
         self.unit_options: list[dict[str, Any]] = []
         self.journal: Any = None
         self.supervisor: Any = None
+        self.source: tuple[int, int] | None = None  # a replica's (rank, incarnation), in its save keys
         self._micro_batch: dict[int, itertools.count] = {}
         self._pending: list[Call] = []
         self._grad_epoch = 0
@@ -127,7 +128,12 @@ class ExpertRuntime:
         self, layer: int, x_ND: torch.Tensor, counts_E: list[int], keep: bool, input_grad: bool = True
     ) -> tuple[torch.Tensor, Ticket]:
         """Send each unit its experts' rows at once; wait for all; return outputs in row order."""
-        key = (self.step, layer, next(self._micro_batch.setdefault(layer, itertools.count())))
+        key = (
+            self.step,
+            layer,
+            next(self._micro_batch.setdefault(layer, itertools.count())),
+            *(self.source or ()),
+        )
         offsets = [0, *itertools.accumulate(counts_E)]
         x = x_ND.detach()
         plan = [
@@ -192,13 +198,16 @@ class ExpertRuntime:
     def zero_grad(self) -> None:
         self._grad_epoch += 1
 
-    def step_experts(self) -> None:
-        """Every unit steps its own parameters; nobody waits here (see the module docstring)."""
-        self._pending += self._each("step", "optimizer", self.step, self._grad_epoch)
+    def step_experts(self, replicas: int = 0) -> list[Call]:
+        """Every unit steps its own parameters (``replicas``: on the mean of that many data-parallel
+        replicas' gradients); nobody waits here (see the module docstring)."""
+        calls = self._each("step", "optimizer", self.step, self._grad_epoch, replicas)
+        self._pending += calls
         self.step += 1
         self._micro_batch.clear()
         if self.supervisor is not None:
             self.supervisor.after_step(self)
+        return calls
 
     # -- state --------------------------------------------------------------------------------------
 
@@ -227,8 +236,8 @@ class ExpertRuntime:
         self._load_each("load_optimizer_state_dict", states, "optimizer state has")
 
     def restore(self, snapshots: list[Any], step: int, grad_epoch: int) -> None:
-        """Load unit ``u``'s ``snapshots[u]`` (a ``checkpoint.Snapshot`` from a durable checkpoint) into
-        every unit and count on from ``step`` optimizer steps and ``grad_epoch`` zero_grads."""
+        """Load ``snapshots[u]`` (from a durable checkpoint) into unit ``u``; count on from ``step`` and
+        ``grad_epoch``."""
         self._load_each("restore", snapshots, "the checkpoint holds")
         self.step, self._grad_epoch = step, grad_epoch
         self._micro_batch.clear()
@@ -248,8 +257,7 @@ class ExpertRuntime:
 
     @property
     def node(self) -> str | None:
-        """The controller's node id when units on it share memory with it (``RuntimeConfig.shared_memory``),
-        else None. Snapshot slots (``actors/staging.py``) exist only for units on this node."""
+        """The controller's node when units on it share its memory, else None (snapshot slots too)."""
         return self._transport.node
 
     @property
@@ -258,13 +266,11 @@ class ExpertRuntime:
         return self._transport.arena
 
     def is_local(self, u: int) -> bool:
-        """Whether unit ``u`` runs on the controller's node, as far as its ping has answered yet (never
-        waits); such a unit receives its rows through shared memory."""
+        """Whether unit ``u`` runs on this node (rows by shared memory), as its ping said; never waits."""
         return self._transport.is_local(u)
 
     def treat_as_remote(self, units: list[int]) -> None:
-        """Send ``units`` their rows by object store as if they ran on another node, until replaced (a
-        testing hook: one node exercises a cluster's transport; ``RowTransport.treat_as_remote``)."""
+        """Send ``units`` rows by object store as if remote, until replaced (a testing hook)."""
         self._transport.treat_as_remote(units)
 
     @property
@@ -326,11 +332,8 @@ class ExpertRuntime:
         return getattr(unit, f"{method}_call").remote(args[at], args[:at] + args[at + 1 :])
 
     def _gather(self, calls: list[Call], deadline_s: float | None = None) -> list[Any]:
-        """Wait for ``calls`` (and any fire-and-forget calls still pending) within the deadline.
-
-        Raises ``DeadlineExceeded`` naming the first late call, or ``UnitFailed`` for a call whose actor
-        died or raised.
-        """
+        """Wait for ``calls`` (and any fire-and-forget calls still pending) within the deadline; a late
+        call is ``DeadlineExceeded``, a dead or raising actor ``UnitFailed`` (the supervisor repairs)."""
         deadline_s = self.cfg.deadline_s if deadline_s is None else deadline_s
         everything = self._pending + calls
         self._pending = []

@@ -17,6 +17,7 @@ Touches Ray: actor start (``.remote``), ``ray.put`` of the model, ``ray.kill``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ from torch import nn
 
 from zetta_ray.actors.dense_replica import DenseReplicaActor
 from zetta_ray.config import RuntimeConfig
+from zetta_ray.errors import UnitFault
 from zetta_ray.runtime.calls import Call
 from zetta_ray.runtime.groups import ActorGroup
 
@@ -58,6 +60,7 @@ class ReplicaGroup(ActorGroup):
         seed: int = 0,
         bucket_bytes: int = 25 * 2**20,
         first_unit: int = 0,
+        experts: dict[str, Any] | None = None,
     ):
         super().__init__(world, cfg, options, first_unit)
         self.journal: list[Entry] = []  # calls since every replica was last seen done
@@ -69,7 +72,11 @@ class ReplicaGroup(ActorGroup):
             "threads": cfg.threads_per_unit,
             "bucket_bytes": bucket_bytes,
             "deadline_s": cfg.deadline_s,
+            "experts": experts,  # the shared expert units' handles, layout and config, or None
         }
+        self.starts = [0] * world  # actors started per rank: a replica's incarnation in expert save keys
+        # the error for a replica call that failed because a shared expert unit did (not rebuilt)
+        self.experts_failed: Callable[[UnitFault], Exception] | None = None
         try:
             self.actors = [self._start(r) for r in range(world)]
             self.wait([self.call(r, "connect", "control", self.actors) for r in range(world)], start=True)
@@ -78,7 +85,10 @@ class ReplicaGroup(ActorGroup):
             raise
 
     def _start(self, r: int) -> Any:
-        return DenseReplicaActor.options(**self.options[r]).remote(r, self.world, self._model, **self._init)
+        incarnation, self.starts[r] = self.starts[r], self.starts[r] + 1
+        return DenseReplicaActor.options(**self.options[r]).remote(
+            r, self.world, self._model, incarnation=incarnation, **self._init
+        )
 
     def submit(self, method: str, phase: str, args: list[tuple[Any, ...]]) -> list[Call]:
         """Journaled: ``method(*args[r])`` on every replica ``r``; returns at once."""
