@@ -20,13 +20,11 @@ What it reports, as one JSON object (medians over the measured steps, rounds rot
 
 from __future__ import annotations
 
-import argparse
 import json
-import resource
 import statistics
-import time
 
 import torch
+from steps import rotate, step_parser
 
 import zetta_ray as zr
 
@@ -61,26 +59,6 @@ class DenseLM(torch.nn.Module):
         return logits, torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
 
 
-def _cpu_s() -> float:
-    """CPU seconds of this process so far, every thread (torch's and Ray's) included."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def _time_steps(model, opt, x, y, n: int) -> tuple[list[float], list[float]]:
-    walls, cpus = [], []
-    for _ in range(n):
-        start, cpu = time.perf_counter(), _cpu_s()
-        opt.zero_grad()
-        _, loss = model(x, y)
-        loss.backward()
-        opt.step()
-        loss.item()  # the step is done when its loss is known: zetta_ray's calls all return at once
-        walls.append(time.perf_counter() - start)
-        cpus.append(_cpu_s() - cpu)
-    return walls, cpus
-
-
 def measure(d_model: int, tokens: int, steps: int, warmup: int, rounds: int, threads: int) -> dict:
     seq = 128
     batch = tokens // seq
@@ -93,21 +71,17 @@ def measure(d_model: int, tokens: int, steps: int, warmup: int, rounds: int, thr
         zr.DataParallel(degree=2),
         runtime=zr.RuntimeConfig(unit_num_cpus=0.5),  # both sides share the machine's cores
     )
-    walls: dict[str, list[float]] = {"plain": [], "zetta_ray": []}
-    cpus: dict[str, list[float]] = {"plain": [], "zetta_ray": []}
     timings: list[dict[str, float]] = []
+
+    def read_timings(name: str) -> None:
+        if name == "zetta_ray":
+            timings.extend(s["timings"] for s in dmodel.unit_stats())
+
     try:
         sides["zetta_ray"] = (dmodel, dmodel.optimizer(torch.optim.AdamW, lr=1e-3))
-        order = list(sides)
-        for r in range(rounds):
-            for name in order[r % 2 :] + order[: r % 2]:
-                torch.set_num_threads(threads)
-                model, opt = sides[name]
-                w, c = _time_steps(model, opt, x, y, warmup + steps)
-                walls[name] += w[warmup:]
-                cpus[name] += c[warmup:]
-                if name == "zetta_ray":
-                    timings += [s["timings"] for s in dmodel.unit_stats()]
+        walls, cpus = rotate(
+            sides, x, y, rounds=rounds, warmup=warmup, steps=steps, threads=threads, after=read_timings
+        )
     finally:
         dmodel.close()
     med = {k: statistics.median(v) for k, v in walls.items()}
@@ -142,16 +116,7 @@ def measure(d_model: int, tokens: int, steps: int, warmup: int, rounds: int, thr
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--d-model", type=int, default=512)
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=4, help="measured steps per side per round")
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps at a round's start")
-    parser.add_argument("--rounds", type=int, default=4, help="even: each side leads as often")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    args = step_parser(__doc__, tokens=4096, steps=4).parse_args()
     print(json.dumps(measure(args.d_model, args.tokens, args.steps, args.warmup, args.rounds, args.threads)))
 
 

@@ -78,6 +78,27 @@ class DenseLM(torch.nn.Module):
         return [self.embed, *self.blocks, self.head]
 
 
+class MoEBlock(torch.nn.Module):
+    """``h + moe(norm(h))``: a pre-norm block whose feed-forward is a ``zr.MoELayer`` (aux loss unused)."""
+
+    def __init__(self, d: int, experts: int):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(d)
+        self.moe = zr.MoELayer(d, 2 * d, experts, top_k=2)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        y, _ = self.moe(self.norm(h))
+        return h + y
+
+
+class MoEPipeLM(DenseLM):
+    """``DenseLM`` with MoE blocks: the model that data, pipeline and expert parallelism compose on."""
+
+    def __init__(self, vocab: int = 64, d: int = 32, seed: int = 0, experts: int = 4, blocks: int = 2):
+        super().__init__(vocab, d, seed, blocks=0)
+        self.blocks = torch.nn.ModuleList(MoEBlock(d, experts) for _ in range(blocks))
+
+
 def dense_batches(n: int, batch: int = 8, seq: int = 16, vocab: int = 64) -> list[tuple[torch.Tensor, ...]]:
     g = torch.Generator().manual_seed(7)
     return [

@@ -105,10 +105,9 @@ def test_train_command_runs_data_parallel_replicas_sharing_the_expert_units(
     record = json.loads(metrics.read_text())
     assert record["config"]["train"]["data_parallel"] == 2
     assert len(record["steps"]) == 4 and all(math.isfinite(s["loss"]) for s in record["steps"])
-    # pipeline stages of the MoE transformer: refused by name, before any training
+    # pipeline stages of the MoE transformer (its aux loss does not flow stage to stage): refused by name
     args = ["train", "--config", str(config), "--steps", "2", "--address", address, "--pipeline-stages", "2"]
     args += ["--data-dir", str(tmp_path / "corpus")]
     done = subprocess.run(zetta_ray_command(*args), capture_output=True, text=True, timeout=180)
-    assert done.returncode == 1 and "pipeline stages that dispatch to expert units" in done.stderr, (
-        done.stderr
-    )
+    assert done.returncode == 1, done.stderr
+    assert "MoETransformer does not say how to split into stages" in done.stderr, done.stderr

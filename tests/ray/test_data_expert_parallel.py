@@ -81,8 +81,8 @@ def test_data_parallelism_of_an_moe_model_puts_its_experts_on_one_shared_unit_by
         assert len(dmodel.units[2].experts) == 8  # 2 layers x 4 experts
 
 
-def test_pipeline_stages_with_experts_are_refused_by_name(dense_cluster):
-    with pytest.raises(zr.errors.UnsupportedError, match="pipeline stages that dispatch to expert units"):
+def test_pipeline_stages_of_a_model_without_the_pipeline_protocol_are_refused_by_name(dense_cluster):
+    with pytest.raises(zr.errors.ConfigError, match="MoETransformer does not say how to split into stages"):
         zr.parallelize(_model(), zr.PipelineParallel(stages=2))
     with pytest.raises(zr.errors.UnsupportedError, match="no zr.MoELayer"):
         zr.parallelize(torch.nn.Linear(2, 2), *STRATEGIES)

@@ -44,6 +44,7 @@ from zetta_ray.actors.dense_replica import split_outputs
 from zetta_ray.actors.wire import tree_from_wire, tree_to_wire
 from zetta_ray.checkpoint import Snapshot
 from zetta_ray.errors import DeadlineExceeded, RecoveryFailed, RunAborted
+from zetta_ray.runtime.expert_client import attach_experts
 
 __all__ = ["PipelineStage", "PipelineStageActor", "schedule"]
 
@@ -88,6 +89,8 @@ class PipelineStage:
         replicas: int = 1,
         share: Share | None = None,
         bucket_bytes: int = 25 * 2**20,
+        experts: dict[str, Any] | None = None,
+        incarnation: int = 0,
     ):
         torch.set_num_threads(threads)
         self.stage, self.stages = stage, stages
@@ -95,6 +98,10 @@ class PipelineStage:
         self.unit = replica * stages + stage  # its index among the mesh's units
         self.share = share
         self.layers = nn.ModuleList(layers)
+        # MoE layers in the stage call the shared expert units (runtime/expert_client.py)
+        client = attach_experts(self.layers, source=(self.unit, incarnation), **experts) if experts else None
+        self.experts = client
+        self.epoch = 0  # zero_grad() calls applied
         self.params = [p for p in self.layers.parameters() if p.requires_grad]
         self.buckets = GradBuckets(self.params, bucket_bytes=bucket_bytes) if self.params else None
         self.seed = seed
@@ -246,6 +253,7 @@ class PipelineStage:
             mesh={"stage": self.stage, "stages": self.stages},
             extra={
                 "steps_applied": self.steps_applied,
+                "epoch": self.epoch,
                 "training": self.layers.training,
                 "optimizer_class": type(optimizer).__name__ if optimizer is not None else None,
             },
@@ -273,6 +281,9 @@ class PipelineStage:
         elif saved is None:
             self.optimizer = None
         self.steps_applied = int(snapshot.extra["steps_applied"])
+        self.epoch = int(snapshot.extra["epoch"])
+        if self.experts is not None:
+            self.experts.sync(self.steps_applied, self.epoch)
         self.layers.train(bool(snapshot.extra["training"]))
         self.zero_grad()
         with self._arrived:
@@ -306,6 +317,8 @@ class PipelineStage:
             self._reduce()
         self.optimizer.step()
         self.steps_applied += 1
+        if self.experts is not None:
+            self.experts.count_step()  # the controller steps the expert units
 
     def _reduce(self) -> None:
         """Data parallelism: the mean of every replica's gradients of this stage, summed in replica
@@ -326,6 +339,13 @@ class PipelineStage:
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
+
+    def new_epoch(self) -> None:
+        """The loop's ``opt.zero_grad()``: no gradients, and the expert units are told at the next call."""
+        self.zero_grad()
+        self.epoch += 1
+        if self.experts is not None:
+            self.experts.zero_grad()
 
     def set_optimizer(self, optimizer_cls: type[torch.optim.Optimizer], kwargs: dict[str, Any]) -> None:
         self.optimizer = optimizer_cls(self.params, **kwargs)

@@ -20,6 +20,7 @@ Ray is reached through ``api.cluster.init``, the slice (``placement.slices``) an
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 import numpy as np
@@ -91,7 +92,8 @@ class DataParallelModule(GroupModule):
         self._keys = list(module.state_dict().keys())
         self.experts: SharedExperts | None = None
         if experts is not None:  # the experts go to units of their own, which every replica calls
-            self.experts = SharedExperts(module, experts, self.world, self.runtime_config, placer)
+            self.experts = SharedExperts(module, experts, self.world, self.runtime_config, placer, self.world)
+            request = dataclasses.replace(request, mesh_units=self.world + experts.degree)
         try:
             self._slice: Slice = reserve_replica_slice(request, placer)
         except BaseException:
@@ -200,32 +202,6 @@ class DataParallelModule(GroupModule):
             for r, b in enumerate(self._slice.units)
         ]
         return replicas + (self.experts.units(self.world) if self.experts is not None else [])
-
-    def unit_handle(self, index: int) -> Any:
-        """The Ray actor of unit ``index`` of ``units`` now, for fault injection (``zr.chaos``)."""
-        self._check_open()
-        if index >= self.world and self.experts is not None:
-            return self.experts.runtime.units[index - self.world]
-        return self.group.actors[index]
-
-    def unit_stats(self) -> list[dict[str, Any]]:
-        """Every unit's ``ping`` (replicas, then expert units), one remote call each."""
-        self._check_open()
-        experts = self.experts.runtime.ping() if self.experts is not None else []
-        return self.group.wait(self.group.each("ping", "control")) + experts
-
-    def close(self) -> None:
-        """Kill the replicas and the expert units and remove their placement groups. Safe twice."""
-        if not self._closed:
-            try:
-                super().close()
-            finally:
-                self._close_experts()
-
-    def _close_experts(self) -> None:
-        if self.experts is not None:
-            self.experts.close()
-            self.experts = None
 
     @property
     def recoveries(self) -> list[ReplicaRecovery]:

@@ -35,7 +35,8 @@ __all__ = ["SharedExperts"]
 
 
 class SharedExperts:
-    """The expert units of ``module``'s MoE layers, shared by ``replicas`` data-parallel replicas. The
+    """The expert units of ``module``'s MoE layers, shared by ``replicas`` data-parallel replicas (the
+    mesh's ``dense_units`` dense units, in a slice of their own, share the cluster with them). The
     module's MoE layers are emptied here (their experts live on the units); a replica re-points them
     at the units (``runtime/expert_client.py``)."""
 
@@ -46,11 +47,13 @@ class SharedExperts:
         replicas: int,
         cfg: RuntimeConfig,
         placer: PlacerConfig | None = None,
+        dense_units: int = 0,
     ):
         layers = moe_layers(module, strategy)
         self.replicas = replicas
         self.prefix = {i: f"{name}.experts." for i, (name, _) in enumerate(layers)}
         request = expert_slice_request(None, strategy, cfg)
+        request = dataclasses.replace(request, mesh_units=request.units + dense_units)
         self.slice: Slice = reserve_slice(request, expert_workload([layer for _, layer in layers]), placer)
         try:
             layout = Layout(request.units, self.slice.plan.unit_LE)

@@ -35,10 +35,13 @@ class Lifetime(ABC):
 
 
 class GroupModule(Lifetime):
-    """A module whose units are one ``runtime.groups.ActorGroup`` (``group``) in one slice (``_slice``)."""
+    """A module whose units are one ``runtime.groups.ActorGroup`` (``group``) in one slice (``_slice``),
+    and, for a model with MoE layers, the expert units they share (``experts``: ``SharedExperts``),
+    numbered after the group's in ``units``."""
 
     group: Any
     _slice: Any
+    experts: Any = None
 
     @staticmethod
     def refuse_trickle(checkpoint: Any, units: str, otherwise: str) -> None:
@@ -52,14 +55,17 @@ class GroupModule(Lifetime):
 
     def unit_stats(self) -> list[dict[str, Any]]:
         """Asks every unit (one remote call each, within the deadline) its ``ping``: rank or stage,
-        process id, node, steps applied, the last step's timings."""
+        process id, node, steps applied, the last step's timings; the shared expert units' after."""
         self._check_open()
-        return self.group.wait(self.group.each("ping", "control"))
+        experts = self.experts.runtime.ping() if self.experts is not None else []
+        return self.group.wait(self.group.each("ping", "control")) + experts
 
     def unit_handle(self, index: int) -> Any:
-        """The Ray actor of unit ``index`` now (after a recovery: its replacement), for fault injection
-        (``zr.chaos``) and diagnostics; a call made on it bypasses the module's bookkeeping."""
+        """The Ray actor of unit ``index`` of ``units`` now (after a recovery: its replacement), for
+        fault injection (``zr.chaos``) and diagnostics; a call made on it bypasses the bookkeeping."""
         self._check_open()
+        if self.experts is not None and index >= self.group.world:
+            return self.experts.runtime.units[index - self.group.world]
         return self.group.actors[index]
 
     def pool_handles(self) -> dict[str, Any]:
@@ -77,10 +83,17 @@ class GroupModule(Lifetime):
         return self._slice
 
     def close(self) -> None:
-        """Kill the units and remove their placement group. Safe to call twice."""
+        """Kill the units (the shared expert units too) and remove their placement groups. Safe to call
+        twice."""
         if not self._closed:
             self._closed = True
             try:
                 self.group.close()
             finally:
                 self._slice.remove()
+                self._close_experts()
+
+    def _close_experts(self) -> None:
+        if self.experts is not None:
+            self.experts.close()
+            self.experts = None

@@ -91,21 +91,15 @@ def has_moe_layers(module: nn.Module) -> bool:
 def _build(module: nn.Module, strategies: tuple[Any, ...], options: dict[str, Any]) -> Any:
     chosen = resolve_strategies(module, strategies)
     moe = has_moe_layers(module)
-    if chosen.pipeline is not None and (chosen.expert is not None or moe):
+    if chosen.expert is not None and (chosen.data or chosen.pipeline) and not moe:
         raise UnsupportedError(
-            f"{chosen.pipeline!r} on a model with MoE layers (or with {chosen.expert!r}): pipeline stages "
-            "that dispatch to expert units do not run in this version of zetta_ray; use "
-            "zr.DataParallel with zr.ExpertParallel, or either alone"
+            f"{chosen.expert!r} on {type(module).__name__}, which has no zr.MoELayer: there are no "
+            "experts to put on expert units; leave ExpertParallel out"
         )
-    if chosen.data is not None and chosen.expert is not None and not moe:
-        raise UnsupportedError(
-            f"{chosen.expert!r} with {chosen.data!r} on {type(module).__name__}, which has no zr.MoELayer: "
-            "there are no experts to put on expert units; use zr.DataParallel alone"
-        )
+    expert = chosen.expert or (ExpertParallel(degree=1) if moe else None)
     if chosen.pipeline is not None:
-        return PipelineModule(module, chosen.pipeline, data=chosen.data, **options)
+        return PipelineModule(module, chosen.pipeline, data=chosen.data, experts=expert, **options)
     if chosen.data is not None and moe:
-        expert = chosen.expert or ExpertParallel(degree=1)
         return DataParallelModule(module, chosen.data, experts=expert, **options)
     if chosen.data is not None:
         return DataParallelModule(module, chosen.data, **options)
@@ -150,7 +144,7 @@ def parallelize(
     Strategies compose as ``zr.parallelize(model, *strategies)``: ``DataParallel`` with
     ``PipelineParallel`` gives D pipelines of P stages (a ``PipelineModule``); ``DataParallel`` with
     ``ExpertParallel`` on an MoE model gives D dense replicas sharing E expert units (a
-    ``DataParallelModule``). ``PipelineParallel`` with experts is refused (``UnsupportedError``).
+    ``DataParallelModule``); all three give D pipelines whose stages call the shared expert units.
 
     ``slice`` says what to reserve (unit kind, spares; default: ``degree`` units of the best kind the
     cluster has) and ``placer`` how to place experts on it; the units come from one Ray placement group,

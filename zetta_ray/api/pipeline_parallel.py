@@ -38,8 +38,9 @@ from torch import nn
 
 from zetta_ray.actors.wire import tree_from_wire
 from zetta_ray.api.cluster import init
+from zetta_ray.api.expert_units import SharedExperts
 from zetta_ray.api.lifetime import GroupModule
-from zetta_ray.api.mesh import DataParallel, PipelineParallel
+from zetta_ray.api.mesh import DataParallel, ExpertParallel, PipelineParallel
 from zetta_ray.api.remote import RemoteLoss, RemoteOutput, split_batch
 from zetta_ray.api.units import UnitRecord
 from zetta_ray.checkpoint import TrickleCheckpoint
@@ -80,8 +81,9 @@ class PipelineModule(GroupModule):
         placer: PlacerConfig | None = None,
         checkpoint: TrickleCheckpoint | Literal[False] | None = None,
         data: DataParallel | None = None,
+        experts: ExpertParallel | None = None,
     ):
-        trickle = _trickle(checkpoint)
+        trickle = _trickle(checkpoint, experts)
         self.strategy = strategy
         self.stages = strategy.stages
         self.replicas = data.degree if data is not None else 1
@@ -90,18 +92,27 @@ class PipelineModule(GroupModule):
         layers = _pipeline_layers(module, self.stages)
         runs = split_stages(len(layers), self.stages)
         self._keys = list(module.state_dict().keys())
-        self._where = _key_map(module, layers, runs)  # model key -> (stage, stage key)
+        init()
+        if experts is not None:  # the experts go to units of their own, which the stages call
+            dense = self.stages * self.replicas
+            self.experts = SharedExperts(module, experts, self.replicas, self.runtime_config, placer, dense)
+        self._where = _key_map(module, layers, runs)  # model key -> (stage, stage key), experts not
         units = self.stages * self.replicas
-        request = slice or SliceRequest(units=units, unit_cpus=self.runtime_config.unit_num_cpus)
+        mesh_units = units + (len(self.experts.runtime.units) if self.experts is not None else 0)
+        cpus = self.runtime_config.unit_num_cpus
+        request = slice or SliceRequest(units=units, unit_cpus=cpus, mesh_units=mesh_units)
         if request.units != units:
             raise ConfigError(
                 f"SliceRequest(units={request.units}) does not match PipelineParallel(stages="
                 f"{self.stages}) x DataParallel(degree={self.replicas}); a slice holds one unit per "
                 f"stage of each replica: units={units}"
             )
-        init()
         spread = self.replicas > 1  # replicas in different failure domains, each one's stages packed
-        self._slice: Slice = reserve_replica_slice(request, placer, spread=spread, group=self.stages)
+        try:
+            self._slice: Slice = reserve_replica_slice(request, placer, spread=spread, group=self.stages)
+        except BaseException:
+            self._close_experts()
+            raise
         try:
             options = [self._slice.actor_options(b) for b in self._slice.units]
             self.group = StageGroup(
@@ -113,9 +124,11 @@ class PipelineModule(GroupModule):
                 trickle=trickle,
                 avoid={b.node_id for b in self._slice.units},
                 replicas=self.replicas,
+                experts=self.experts.link() if self.experts is not None else None,
             )
         except BaseException:
             self._slice.remove()
+            self._close_experts()
             raise
         self.repair = StageRepair() if trickle is not None else None
         self.group.supervisor = self.repair
@@ -174,6 +187,8 @@ class PipelineModule(GroupModule):
         if pending:
             self.group.wait(pending)
         self.group.settle()
+        if self.experts is not None:
+            self.experts.settle()
 
     def pool_handles(self) -> dict[str, Any]:
         """The MemoryPool actors that hold the stages' snapshots, by name (``zr.chaos`` kills them)."""
@@ -190,6 +205,8 @@ class PipelineModule(GroupModule):
         self._check_open()
         self.group.optimizer_args = (optimizer_cls, kwargs)
         self.group.wait(self.group.submit("set_optimizer", "control", optimizer_cls, kwargs))
+        if self.experts is not None:
+            self.experts.set_optimizer(optimizer_cls, kwargs)
         return PipelineOptimizer(self)
 
     def train(self, mode: bool = True) -> PipelineModule:
@@ -215,14 +232,17 @@ class PipelineModule(GroupModule):
                 data_rank=u // self.stages,
             )
             for u, b in enumerate(self._slice.units)
-        ]
+        ] + (self.experts.units(len(self._slice.units)) if self.experts is not None else [])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The model's state with the wrapped module's keys, gathered from the stages."""
         self._check_open()
         self._settle()
         by_stage = self.group.wait([self.group.call(s, "state_dict", "control") for s in range(self.stages)])
-        return {k: torch.from_numpy(np.array(by_stage[s][name])) for k, (s, name) in self._where.items()}
+        state = {k: torch.from_numpy(np.array(by_stage[s][name])) for k, (s, name) in self._where.items()}
+        if self.experts is not None:
+            state.update(self.experts.state_dict())
+        return {k: state[k] for k in self._keys}
 
 
 class PipelineOptimizer:
@@ -237,13 +257,18 @@ class PipelineOptimizer:
 
     def step(self) -> None:
         owner = self._owner
+        if owner.experts is not None:  # every stage's calls to the expert units are in: step them
+            owner.group.wait([*owner._pending, *owner._last])
+            owner.experts.step()
         owner._pending += owner.group.submit("step", "optimizer")
         owner.group.step += 1
         owner._pending += owner.group.after_step(owner.group.step)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         owner = self._owner
-        owner._pending += owner.group.submit("zero_grad", "control")
+        owner._pending += owner.group.submit("new_epoch", "control")
+        if owner.experts is not None:
+            owner.experts.zero_grad()
         owner._pending += owner.group.submit("discard", "control", owner._run + 1)
 
     def state_dict(self) -> dict[str, Any]:
@@ -285,8 +310,19 @@ def _key_map(module: nn.Module, layers: list[nn.Module], runs: list[range]) -> d
     return {k: where[k] for k in module.state_dict()}
 
 
-def _trickle(checkpoint: TrickleCheckpoint | Literal[False] | None) -> TrickleCheckpoint | None:
-    """The stages' snapshot settings: on by default (``TrickleCheckpoint()``), off with ``False``."""
+def _trickle(
+    checkpoint: TrickleCheckpoint | Literal[False] | None, experts: ExpertParallel | None
+) -> TrickleCheckpoint | None:
+    """The stages' snapshot settings: on by default (``TrickleCheckpoint()``), off with ``False``; off
+    with shared expert units, which a rollback of the stages would need to follow."""
+    if experts is not None:
+        if checkpoint not in (None, False):
+            raise UnsupportedError(
+                f"trickle checkpoints of pipeline stages with {experts!r} do not run in this version of "
+                "zetta_ray: rolling the stages back would need the shared expert units rolled back too; "
+                "pass checkpoint=False or leave it out (a dead unit then stops the run with UnitFailed)"
+            )
+        return None
     if checkpoint is False:
         return None
     trickle = checkpoint if checkpoint is not None else TrickleCheckpoint()

@@ -35,6 +35,8 @@ class SliceRequest:
     room for ``units + spares``. ``unit_cpus`` is the CPU share of each unit's bundle: for cpu units it is
     the unit (None shares the cluster's CPUs evenly, at most one each); for npu/gpu units None means none.
     ``ready_timeout_s`` bounds the wait for resources that exist but are busy with other work.
+    ``mesh_units``: all the units of the mesh this slice is part of (dense units and expert units are
+    separate slices), so that an even share leaves room for the others; None: this slice's alone.
     """
 
     units: int
@@ -42,6 +44,7 @@ class SliceRequest:
     spares: int = 0
     unit_cpus: float | None = None
     ready_timeout_s: float = 60.0
+    mesh_units: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.units, int) or self.units < 1:

@@ -38,7 +38,8 @@ def _unit_cpus(request: SliceRequest, nodes: list[dict[str, Any]]) -> float:
     if request.unit_cpus is not None:
         return request.unit_cpus
     total = sum(float(n["Resources"].get("CPU", 0.0)) for n in nodes)
-    return min(1.0, total / (request.units + request.spares)) if total else 1.0
+    units = max(request.units + request.spares, request.mesh_units or 0)
+    return min(1.0, total / units) if total else 1.0
 
 
 def _free_nodes(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:

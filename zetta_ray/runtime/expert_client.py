@@ -44,18 +44,26 @@ class ExpertClient(ExpertRuntime):
 
 
 def attach_experts(
-    module: nn.Module, *, units: list[Any], layout: Layout, cfg: RuntimeConfig, source: tuple[int, int]
+    module: nn.Module,
+    *,
+    units: list[Any],
+    layout: Layout,
+    cfg: RuntimeConfig,
+    source: tuple[int, int],
+    first_layer: int = 0,
 ) -> ExpertClient:
-    """Point every ``MoELayer`` of ``module`` (in module order, as ``zr.parallelize`` numbered them) at
-    the expert units ``units``; returns the client that drives them for this replica."""
+    """Point every ``MoELayer`` of ``module`` (in module order, as ``zr.parallelize`` numbered them,
+    from ``first_layer`` on: a pipeline stage holds a run of them) at the expert units ``units``;
+    returns the client that drives them for this unit."""
     client = ExpertClient(list(units), layout, dataclasses.replace(cfg, shared_memory=False))
     client.source = source
     layers = [m for m in module.modules() if isinstance(m, MoELayer)]
-    if len(layers) != len(layout.unit_LE):
+    if first_layer + len(layers) > len(layout.unit_LE):
         raise ValueError(
-            f"the replica's model has {len(layers)} MoE layers, the expert units {len(layout.unit_LE)}"
+            f"MoE layers {first_layer}..{first_layer + len(layers) - 1} asked for; the expert units "
+            f"host {len(layout.unit_LE)}"
         )
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(layers, start=first_layer):
         layer.experts = nn.ModuleList()
         layer.executor = RemoteExperts(client, i)
     return client

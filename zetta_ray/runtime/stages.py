@@ -35,6 +35,7 @@ from zetta_ray.actors.memory_pool import MemoryPoolActor
 from zetta_ray.actors.pipeline_stage import PipelineStageActor, schedule
 from zetta_ray.checkpoint import TrickleCheckpoint
 from zetta_ray.config import RuntimeConfig
+from zetta_ray.experts.moe import MoELayer
 from zetta_ray.runtime.calls import Call
 from zetta_ray.runtime.groups import ActorGroup
 from zetta_ray.runtime.replicas import Entry
@@ -64,6 +65,7 @@ class StageGroup(ActorGroup):
         avoid: set[str] | None = None,
         replicas: int = 1,
         bucket_bytes: int = 25 * 2**20,
+        experts: dict[str, Any] | None = None,
     ):
         self.stages, self.replicas = len(layers), replicas
         super().__init__(self.stages * replicas, cfg, options)
@@ -79,6 +81,10 @@ class StageGroup(ActorGroup):
         self.optimizer_args: tuple[Any, Any] | None = None  # (class, kwargs), for a replacement
         self.stale: list[Any] = []  # results of calls a recovery redid: read and dropped at settle
         self._layers = [ray.put(list(run)) for run in layers]  # kept for a replacement stage
+        self._experts = experts  # the shared expert units' handles, layout and config, or None
+        moe = [sum(isinstance(m, MoELayer) for layer in run for m in layer.modules()) for run in layers]
+        self._first_layer = [sum(moe[:s]) for s in range(self.stages)]  # each stage's first MoE layer
+        self.starts = [0] * self.world  # actors started per unit: its incarnation in expert save keys
         self._init = {
             "seed": seed,
             "threads": cfg.threads_per_unit,
@@ -102,8 +108,10 @@ class StageGroup(ActorGroup):
 
     def _start(self, u: int) -> Any:
         d, s = divmod(u, self.stages)
+        incarnation, self.starts[u] = self.starts[u], self.starts[u] + 1
+        experts = {**self._experts, "first_layer": self._first_layer[s]} if self._experts else None
         return PipelineStageActor.options(**self.options[u]).remote(
-            s, self.stages, self._layers[s], replica=d, **self._init
+            s, self.stages, self._layers[s], replica=d, experts=experts, incarnation=incarnation, **self._init
         )
 
     def mesh(self) -> list[list[Any]]:
