@@ -60,6 +60,7 @@ def measure(d_model: int, tokens: int, steps: int, warmup: int, rounds: int, thr
                 mesh: (dmodel, dmodel.optimizer(torch.optim.AdamW, lr=1e-3)),
             }
             walls, cpus = rotate(sides, x, y, rounds=rounds, warmup=warmup, steps=steps, threads=threads)
+            out[f"{mesh}_nodes"] = len({u.node_id for u in dmodel.units})  # nodes its units run on
         finally:
             dmodel.close()
         med = {k: statistics.median(v) for k, v in walls.items()}

@@ -142,12 +142,13 @@ def _cmd_chaos(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, steps=args.steps, seed=args.seed, data_dir=args.data_dir)
     kills = [parse_kill(k) for k in args.kill or []]
     degree = cfg.train.expert_degree
-    check_kills(kills, args.rate, degree)
+    replicas = cfg.train.data_parallel if cfg.train.data_parallel > 1 else 0
+    check_kills(kills, args.rate, degree, replicas)
     targets = args.targets.split(",")
     with ExitStack() as stack:
         wants_nodes = any(k.target == "node" for k in kills) or ("node" in targets and args.rate > 0)
         address, kill_node, setting = chaos_cluster(
-            stack, address=args.address, nodes=args.nodes, wants_nodes=wants_nodes, degree=degree
+            stack, address=args.address, nodes=args.nodes, wants_nodes=wants_nodes, degree=replicas + degree
         )
         monkey = Chaos(kills, rate=args.rate, seed=args.chaos_seed, targets=targets, kill_node=kill_node)
         _err(f"zetta-ray chaos on {setting}: a fault-free run of {cfg.train.steps} steps, then under chaos")

@@ -247,7 +247,7 @@ def start_pools(avoid: set[str], replicas: int, pool_bytes: int, deadline_s: flo
     then outlives a stage, not its node); started and answering within ``deadline_s``."""
     alive = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
     nodes = ([n for n in alive if n not in avoid] or alive)[:replicas]
-    if len(nodes) < replicas:
+    if len(nodes) < replicas and len(alive) > 1:  # on one node there is no other place to be
         logger.warning(
             "pipeline snapshots: %d pool(s) on distinct nodes, not the %d asked", len(nodes), replicas
         )
