@@ -21,10 +21,12 @@ def _model() -> torch.nn.Module:
     return zr.MoETransformer(tiny_config(n_experts=4))
 
 
-def _run(monkey: zr.chaos.Chaos | None = None) -> tuple[list[float], dict[str, torch.Tensor], list]:
-    with zr.parallelize(_model(), *STRATEGIES, checkpoint=False) as dmodel:
+def _run(
+    monkey: zr.chaos.Chaos | None = None, checkpoint=False
+) -> tuple[list[float], dict[str, torch.Tensor], list, list]:
+    with zr.parallelize(_model(), *STRATEGIES, checkpoint=checkpoint) as dmodel:
         losses = train_steps(dmodel, dense_batches(3), monkey=monkey)
-        return losses, dmodel.state_dict(), dmodel.recoveries
+        return losses, dmodel.state_dict(), dmodel.recoveries, dmodel.recovered_experts
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,7 @@ def fault_free(dense_cluster):
 
 def test_replicas_sharing_expert_units_equal_one_process_accumulating_the_shards(fault_free):
     ref_losses, ref_state = accumulate_reference(_model(), dense_batches(3), world=2)
-    losses, state, recoveries = fault_free
+    losses, state, recoveries, _ = fault_free
     assert recoveries == []
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
     assert list(state) == list(ref_state)
@@ -63,15 +65,27 @@ def test_units_are_two_replicas_then_two_expert_units_and_a_run_repeats_bitwise(
 @pytest.mark.parametrize("phase", ["backward", "optimizer"])
 def test_a_replica_killed_mid_step_is_rebuilt_and_the_experts_count_its_gradients_once(fault_free, phase):
     monkey = zr.chaos.Chaos([zr.chaos.Kill(target="unit", step=1, phase=phase, index=1)])
-    losses, state, recoveries = _run(monkey)
+    losses, state, recoveries, _ = _run(monkey)
     assert [e.unit for e in recoveries] == [1]
     assert losses == fault_free[0]
     assert all(torch.equal(state[k], v) for k, v in fault_free[1].items()), "final state differs"
 
 
-def test_a_dead_expert_unit_is_a_named_failure(fault_free):
+@pytest.mark.parametrize("phase", ["forward", "backward", "optimizer"])
+def test_a_shared_expert_unit_killed_mid_step_is_rolled_back_with_its_siblings_bitwise(fault_free, phase):
+    monkey = zr.chaos.Chaos([zr.chaos.Kill(target="unit", step=1, phase=phase, index=3)])
+    losses, state, recoveries, experts = _run(monkey, checkpoint=None)  # snapshots on: the default
+    assert monkey.injected == [{"target": "unit", "step": 1, "phase": phase, "unit": 3}]
+    assert recoveries == [] and experts == [3]  # no replica rebuilt; expert unit 3 rolled back once
+    assert losses == fault_free[0]
+    assert all(torch.equal(state[k], v) for k, v in fault_free[1].items()), "final state differs"
+
+
+def test_without_snapshots_a_dead_expert_unit_is_a_named_failure(fault_free):
     monkey = zr.chaos.Chaos([zr.chaos.Kill(target="unit", step=1, phase="forward", index=3)])
-    with pytest.raises(RecoveryFailed, match="expert unit 3 of dmodel.units failed"):
+    with pytest.raises(
+        RecoveryFailed, match="expert units run without snapshots here \\(checkpoint=False\\)"
+    ):
         _run(monkey)
 
 

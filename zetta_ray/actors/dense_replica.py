@@ -253,6 +253,20 @@ class DenseReplica:
     def load_state_dict(self, tensors: dict[str, np.ndarray]) -> None:
         self.module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()})
 
+    def rewind(self, units: list[Any], incarnation: int) -> None:
+        """A shared expert unit failed and every expert unit went back to the step's start: forget this
+        epoch's passes and gradients, call ``units`` (the rebuilt one among them) as ``incarnation``
+        (the units drop what the old one added), and take the replayed calls that follow. Peers' bucket
+        copies already received stay: the replay sends the same values again."""
+        with self.state_lock:
+            self.module.zero_grad(set_to_none=True)
+            self.passes, self.sent, self._loss = 0, {}, None
+            self.buckets.reset()
+            if self.experts is not None:
+                self.experts.units = list(units)
+                self.experts.source = (self.rank, incarnation)
+                self.experts.sync(self.steps_applied, self.epoch)
+
     def own_buckets(self) -> list[tuple[int, int, int, np.ndarray]]:
         """This replica's copies of the buckets it sent this epoch: ``(epoch, pass, bucket, flat)``."""
         return [(e, p, b, flat) for (e, p), held in list(self.sent.items()) for b, flat in list(held.items())]

@@ -37,7 +37,7 @@ from zetta_ray.api.units import UnitRecord
 from zetta_ray.checkpoint import TrickleCheckpoint
 from zetta_ray.config import RuntimeConfig
 from zetta_ray.control.sibling_repair import ReplicaRecovery, SiblingRepair
-from zetta_ray.errors import ConfigError, UnsupportedError
+from zetta_ray.errors import ConfigError, UnitFault, UnsupportedError
 from zetta_ray.placement.plan import PlacerConfig
 from zetta_ray.placement.slice_plan import SliceRequest
 from zetta_ray.placement.slices import Slice, reserve_replica_slice
@@ -74,9 +74,11 @@ class DataParallelModule(GroupModule):
         checkpoint: TrickleCheckpoint | Literal[False] | None = None,
         experts: ExpertParallel | None = None,
     ):
-        self.refuse_trickle(
-            checkpoint, "data-parallel replicas", "a dead replica is rebuilt from a live sibling"
-        )
+        if experts is None:
+            self.refuse_trickle(
+                checkpoint, "data-parallel replicas", "a dead replica is rebuilt from a live sibling"
+            )
+        trickle = _expert_trickle(checkpoint) if experts is not None else None
         if not any(p.requires_grad for p in module.parameters()):
             raise ConfigError(f"{type(module).__name__} has no trainable parameter to replicate")
         self.strategy = strategy
@@ -92,7 +94,8 @@ class DataParallelModule(GroupModule):
         self._keys = list(module.state_dict().keys())
         self.experts: SharedExperts | None = None
         if experts is not None:  # the experts go to units of their own, which every replica calls
-            self.experts = SharedExperts(module, experts, self.world, self.runtime_config, placer, self.world)
+            cfg, world = self.runtime_config, self.world
+            self.experts = SharedExperts(module, experts, world, cfg, placer, world, trickle)
             request = dataclasses.replace(request, mesh_units=self.world + experts.degree)
         try:
             self._slice: Slice = reserve_replica_slice(request, placer)
@@ -110,13 +113,14 @@ class DataParallelModule(GroupModule):
         self._repair = SiblingRepair()
         self.group.supervisor = self._repair
         if self.experts is not None:
-            self.group.experts_failed = self.experts.unrecovered
+            self.group.experts_failed = self._expert_failed
         module.to("meta")  # the replicas hold the weights now
         self.module = module
         self._structure: tuple[int, int] | None = None  # (loss index, number of outputs)
         self._forwards: list[Call] = []  # the last forward's calls
         self._passes = 0  # backward passes since the last zero_grad
         self._optimizer: ReplicatedOptimizer | None = None
+        self.recovered_experts: list[int] = []  # the expert units (as in ``units``) that failed, in order
         self._closed = False
 
     # -- what the training loop uses ----------------------------------------------------------------
@@ -150,12 +154,32 @@ class DataParallelModule(GroupModule):
         self._submit("backward", "backward")
 
     def _step(self) -> None:
-        if self.experts is not None:  # every replica's calls to the expert units are in: step them
-            backward = [c for entry in self.group.journal if entry.method == "backward" for c in entry.calls]
-            self.group.wait(backward)
-            self.experts.step()
+        if self.experts is not None:
+            self._step_experts()
         self._submit("step", "optimizer", self._passes)
         self.group.step += 1
+
+    def _step_experts(self) -> None:
+        """Once every replica's calls to the expert units are in, step the units and keep their
+        snapshots, before the replicas step; a unit that fails sends the step back to its start."""
+        for attempt in range(self.group.max_recoveries + 1):
+            # every journaled call, forwards first: a replica's backward fails too when its forward
+            # failed on a dead expert unit, and the forward's failure is the one that names the unit
+            self.group.wait([c for entry in self.group.journal for c in entry.calls])
+            self.experts.step()
+            try:
+                self.experts.settle()
+                return
+            except UnitFault as fault:
+                if attempt == self.group.max_recoveries:
+                    raise
+                self._expert_failed(fault)
+
+    def _expert_failed(self, fault: UnitFault) -> None:
+        """Expert unit ``fault.unit`` failed: every expert unit back to its last snapshot (the step's
+        start), every replica redoes the step's calls (``SiblingRepair`` calls this too)."""
+        self.recovered_experts.append(self.world + fault.unit)
+        self.group.rewind(self.experts.roll_back())
 
     def _zero_grad(self) -> None:
         self._passes = 0
@@ -253,3 +277,16 @@ class ReplicatedOptimizer:
         owner = self._owner
         owner._settle()
         return tree_from_wire(owner.group.wait([owner.group.call(0, "optimizer_state", "control")])[0])
+
+
+def _expert_trickle(checkpoint: TrickleCheckpoint | Literal[False] | None) -> TrickleCheckpoint | None:
+    """The shared expert units' snapshots: on by default, off with ``False``; in MemoryPools only."""
+    if checkpoint is False:
+        return None
+    trickle = checkpoint or TrickleCheckpoint()
+    if trickle.durable_uri is not None:
+        raise UnsupportedError(
+            f"durable checkpoints of data-parallel replicas and their expert units (durable_uri="
+            f"{trickle.durable_uri!r}) are not written by this version of zetta_ray; leave durable_uri unset"
+        )
+    return trickle

@@ -7,7 +7,9 @@ those units: it starts them (``ExpertRuntime.launch``, the weights go once to th
 replicas what they need to call them straight (``link``: handles, layout, config; the replicas' rows
 never pass through here), and sends what only the controller may send: the optimizer's set-up, the
 units' step once every replica's backward is in (on the mean of the replicas' gradients, summed in rank
-order on each unit: ``actors/sources.py``), and the reads of their state.
+order on each unit: ``actors/sources.py``), and the reads of their state. With trickle snapshots (the
+default), every unit hands its state to MemoryPool actors after each step and a failed one sends every
+unit back to that step (``runtime/unit_keeper.py``) while the replicas redo it.
 Ray is reached through the slice, the runtime and ``calls.wait_for``; nothing here calls Ray.
 """
 
@@ -23,13 +25,16 @@ from torch import nn
 from zetta_ray.api.distributed import expert_slice_request, expert_workload, moe_layers
 from zetta_ray.api.mesh import ExpertParallel
 from zetta_ray.api.units import UnitRecord
+from zetta_ray.checkpoint import TrickleCheckpoint
 from zetta_ray.config import RuntimeConfig
-from zetta_ray.errors import RecoveryFailed, UnitFault
+from zetta_ray.errors import RecoveryFailed
 from zetta_ray.placement.plan import PlacerConfig
 from zetta_ray.placement.slices import Slice, reserve_slice
 from zetta_ray.runtime.calls import Call, wait_for
 from zetta_ray.runtime.engine import ExpertRuntime
 from zetta_ray.runtime.layout import Layout
+from zetta_ray.runtime.stages import start_pools
+from zetta_ray.runtime.unit_keeper import UnitKeeper
 
 __all__ = ["SharedExperts"]
 
@@ -48,6 +53,7 @@ class SharedExperts:
         cfg: RuntimeConfig,
         placer: PlacerConfig | None = None,
         dense_units: int = 0,
+        trickle: TrickleCheckpoint | None = None,
     ):
         layers = moe_layers(module, strategy)
         self.replicas = replicas
@@ -64,6 +70,15 @@ class SharedExperts:
         except BaseException:
             self.slice.remove()
             raise
+        self.keeper: UnitKeeper | None = None  # the units' snapshots (None: a dead unit is not rebuilt)
+        if trickle is not None:
+            try:
+                nodes = {b.node_id for b in self.slice.units}
+                pools = start_pools(nodes, trickle.replicas, trickle.pool_bytes, cfg.start_deadline_s)
+            except BaseException:
+                self.close()
+                raise
+            self.keeper = UnitKeeper(self.runtime, pools)
         for _, layer in layers:
             layer.experts = nn.ModuleList()
         self.pending: list[Call] = []
@@ -73,32 +88,42 @@ class SharedExperts:
         return {"units": list(self.runtime.units), "layout": self.runtime.layout, "cfg": self.cfg}
 
     def set_optimizer(self, optimizer_cls: type[torch.optim.Optimizer], kwargs: dict[str, Any]) -> None:
+        """The units' optimizer; then their first snapshots (a unit that fails from here on is rebuilt)."""
         self.runtime.set_optimizer(optimizer_cls, kwargs)
+        if self.keeper is not None:
+            self.keeper.snapshot(self.runtime.step)
+            self.settle()
 
     def step(self) -> None:
-        """Step every unit on the mean of the replicas' gradients; call it once every replica's
-        backward of the step has answered (their calls to the units are then all in)."""
+        """Step every unit on the mean of the replicas' gradients, then snapshot it; call it once every
+        replica's backward of the step has answered (their calls to the units are then all in), and
+        ``settle`` before the replicas step."""
         self.pending += self.runtime.step_experts(self.replicas)
+        if self.keeper is not None:
+            self.keeper.snapshot(self.runtime.step)
+
+    def roll_back(self) -> list[Any]:
+        """A unit failed: every unit back to the newest kept step (``UnitKeeper.roll_back``); returns the
+        units' handles, for the replicas to call. ``RecoveryFailed`` without snapshots."""
+        if self.keeper is None:
+            raise RecoveryFailed(
+                "an expert unit failed and data-parallel expert units run without snapshots here "
+                "(checkpoint=False); leave checkpoint out to have a dead one rebuilt"
+            )
+        self.pending = []
+        self.keeper.roll_back(self.cfg.deadline_s)
+        return list(self.runtime.units)
 
     def zero_grad(self) -> None:
         self.runtime.zero_grad()
 
     def settle(self) -> None:
-        """Wait (within the deadline) for the units' steps; a dead or stalled unit is ``RecoveryFailed``."""
+        """Wait (within the deadline) for the units' steps and snapshots; a dead or stalled unit is a
+        ``UnitFault`` (numbered among the expert units)."""
         pending, self.pending = self.pending, []
-        try:
-            wait_for(pending, self.cfg.deadline_s)
-        except UnitFault as fault:
-            raise self.unrecovered(fault) from fault
-
-    def unrecovered(self, fault: UnitFault) -> RecoveryFailed:
-        """The error for expert unit ``fault.unit`` (numbered among the units, not ``dmodel.units``)."""
-        return RecoveryFailed(
-            f"expert unit {self.replicas + fault.unit} of dmodel.units failed ({fault}); expert units "
-            "shared by data-parallel replicas are not rebuilt in this version of zetta_ray (their calls "
-            "come from the replicas, which the fault manager does not journal). Use zr.ExpertParallel "
-            "alone for recoverable expert units"
-        )
+        wait_for(pending, self.cfg.deadline_s)
+        if self.keeper is not None:
+            self.keeper.settle(self.cfg.deadline_s)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The experts' tensors under the wrapped module's keys."""
@@ -119,5 +144,7 @@ class SharedExperts:
     def close(self) -> None:
         try:
             self.runtime.close()
+            if getattr(self, "keeper", None) is not None:
+                self.keeper.close()
         finally:
             self.slice.remove()

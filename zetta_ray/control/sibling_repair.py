@@ -60,7 +60,8 @@ class SiblingRepair:
             raise fault
         inner = getattr(fault, "cause", None)
         if isinstance(inner, UnitFault) and inner.experts and group.experts_failed is not None:
-            raise group.experts_failed(inner) from fault  # a shared expert unit, not the replica
+            group.experts_failed(inner)  # a shared expert unit failed, not the replica: its owner repairs
+            return
         siblings = [s for s in range(group.world) if s != r]
         if not siblings:
             raise RecoveryFailed(

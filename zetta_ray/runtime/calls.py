@@ -10,6 +10,7 @@ Touches Ray: ``ray.get`` / ``ray.wait`` on the calls' ObjectRefs.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -127,3 +128,15 @@ def _raise_if_node_lost(calls: list[Call], lost_units: Callable[[list[int]], Ite
         if c.unit in lost:
             cause = RuntimeError(f"the node of unit {c.unit} is dead: its raylet refuses connections")
             raise UnitFailed(unit=c.unit, experts=c.experts, step=c.step, phase=c.phase, cause=cause)
+
+
+def read_quietly(refs: list[Any], timeout_s: float) -> list[Any]:
+    """Wait up to ``timeout_s`` for ``refs`` (calls a recovery redoes) and read those that ended,
+    errors included, so that Ray does not report them as unhandled; returns the ones still running."""
+    if not refs:
+        return []
+    ready, rest = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    for ref in ready:  # a call that failed with the unit it waited for: its replay is what counts
+        with contextlib.suppress(ray.exceptions.RayError):
+            ray.get(ref, timeout=0)
+    return rest

@@ -199,10 +199,10 @@ class ExpertRuntime:
         self._grad_epoch += 1
 
     def step_experts(self, replicas: int = 0) -> list[Call]:
-        """Every unit steps its own parameters (``replicas``: on the mean of that many data-parallel
-        replicas' gradients); nobody waits here (see the module docstring)."""
+        """Every unit steps its own parameters; nobody waits here (see the module docstring). With
+        ``replicas``: on the mean of their gradients, and the caller waits for the calls returned."""
         calls = self._each("step", "optimizer", self.step, self._grad_epoch, replicas)
-        self._pending += calls
+        self._pending += [] if replicas else calls
         self.step += 1
         self._micro_batch.clear()
         if self.supervisor is not None:

@@ -27,8 +27,8 @@ from torch import nn
 
 from zetta_ray.actors.dense_replica import DenseReplicaActor
 from zetta_ray.config import RuntimeConfig
-from zetta_ray.errors import UnitFault
-from zetta_ray.runtime.calls import Call
+from zetta_ray.errors import RecoveryFailed, UnitFault
+from zetta_ray.runtime.calls import Call, read_quietly, wait_for
 from zetta_ray.runtime.groups import ActorGroup
 
 __all__ = ["Entry", "ReplicaGroup"]
@@ -75,8 +75,8 @@ class ReplicaGroup(ActorGroup):
             "experts": experts,  # the shared expert units' handles, layout and config, or None
         }
         self.starts = [0] * world  # actors started per rank: a replica's incarnation in expert save keys
-        # the error for a replica call that failed because a shared expert unit did (not rebuilt)
-        self.experts_failed: Callable[[UnitFault], Exception] | None = None
+        # who repairs a shared expert unit that a replica's call failed on (it raises if it cannot)
+        self.experts_failed: Callable[[UnitFault], None] | None = None
         try:
             self.actors = [self._start(r) for r in range(world)]
             self.wait([self.call(r, "connect", "control", self.actors) for r in range(world)], start=True)
@@ -118,6 +118,26 @@ class ReplicaGroup(ActorGroup):
             ds, de = EFFECTS.get(entry.method, (0, 0))
             steps, epoch = steps + ds, epoch + de
         return steps, epoch
+
+    def rewind(self, units: list[Any]) -> None:
+        """The shared expert units went back to the step's start (one of them was rebuilt): let the
+        journal's calls end, rewind every replica (as a new incarnation, calling ``units``), and send
+        the journal again; its ``Call``s point at the new results."""
+        odd = sorted({e.method for e in self.journal} - {"forward", "backward", "train"})
+        if odd:
+            raise RecoveryFailed(
+                f"the replicas cannot redo the step's calls: the journal holds {odd} since the last wait "
+                "(call opt.zero_grad() before the forward, and opt.step() after the backward)"
+            )
+        read_quietly([c.ref for entry in self.journal for c in entry.calls], self.cfg.deadline_s)
+        calls = []
+        for r in range(self.world):
+            incarnation, self.starts[r] = self.starts[r], self.starts[r] + 1
+            calls.append(self.call(r, "rewind", "control", units, incarnation))
+        wait_for(calls, self.cfg.deadline_s)
+        for entry in self.journal:
+            for call in entry.calls:
+                self.resend(call)
 
     def restart(self, r: int) -> Any:
         """Kill replica ``r`` (if it still runs) and start a new one in its place; returns it."""

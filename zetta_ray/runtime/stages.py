@@ -21,7 +21,6 @@ pools' acknowledgements, ``ray.kill``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -36,7 +35,7 @@ from zetta_ray.actors.pipeline_stage import PipelineStageActor, schedule
 from zetta_ray.checkpoint import TrickleCheckpoint
 from zetta_ray.config import RuntimeConfig
 from zetta_ray.experts.moe import MoELayer
-from zetta_ray.runtime.calls import Call
+from zetta_ray.runtime.calls import Call, read_quietly
 from zetta_ray.runtime.groups import ActorGroup
 from zetta_ray.runtime.replicas import Entry
 
@@ -200,11 +199,7 @@ class StageGroup(ActorGroup):
     def _drop_stale(self) -> None:
         """Read the finished results of calls a recovery redid (an aborted run's ``RunAborted``), so that
         Ray does not report them as unhandled errors; the unfinished ones are read next time."""
-        if self.stale:
-            ready, self.stale = ray.wait(self.stale, num_returns=len(self.stale), timeout=0)
-            for ref in ready:
-                with contextlib.suppress(ray.exceptions.RayError):
-                    ray.get(ref, timeout=0)
+        self.stale = read_quietly(self.stale, 0)
 
     def _held(self, entry: Entry) -> bool:
         acks = self.wait(entry.calls)  # each stage's list of its pools' acknowledgement refs
