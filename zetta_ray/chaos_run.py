@@ -27,8 +27,7 @@ __all__ = ["chaos_cluster", "chaos_report", "check_kills", "format_chaos"]
 
 def check_kills(kills: list[Kill], rate: float, degree: int, replicas: int = 0) -> None:
     """Refuse a run without faults, and unit or node kills past the run's units: ``replicas`` dense
-    replicas (``data_parallel`` > 1) then the ``degree`` expert units. With replicas, a kill of an
-    expert unit (they are shared and not rebuilt yet) and random unit kills are refused too."""
+    replicas (``data_parallel`` > 1) then the ``degree`` expert units."""
     if not kills and not rate:
         raise ConfigError("zetta-ray chaos needs faults: --kill TARGET:STEP[:PHASE[:INDEX]] or --rate R")
     units = replicas + degree
@@ -39,17 +38,6 @@ def check_kills(kills: list[Kill], rate: float, degree: int, replicas: int = 0) 
                 f"--kill {k.target}:{k.step}:{k.phase}:{k.index}: the run has {units} compute units "
                 f"({where}); use an INDEX in 0..{units - 1}"
             )
-        if replicas and k.target == "unit" and k.index >= replicas:
-            raise ConfigError(
-                f"--kill unit:{k.step}:{k.phase}:{k.index} hits an expert unit shared by the {replicas} "
-                f"data-parallel replicas, which this version does not rebuild; kill a replica (INDEX in "
-                f"0..{replicas - 1})"
-            )
-    if replicas and rate:
-        raise ConfigError(
-            f"--rate {rate:g} with data_parallel = {replicas}: random kills may hit the shared expert "
-            "units, which this version does not rebuild; give --kill unit:STEP:PHASE:INDEX of a replica"
-        )
 
 
 def chaos_cluster(

@@ -148,7 +148,11 @@ def train(
     strategies = _strategies(train_cfg)
     if len(strategies) > 1:
         say(f"mesh: {' x '.join(map(repr, strategies))}")
-        checkpoint = False  # dense replicas recover from a sibling; no snapshots of them (config.py)
+        # replicas recover from a sibling, their shared expert units from MemoryPool snapshots; no
+        # durable checkpoints of them yet (TrainConfig refuses checkpoint_dir with data_parallel)
+        # (pipeline stages calling shared experts keep no snapshots: api/pipeline_parallel.py)
+        pipelined = train_cfg.pipeline_stages > 1
+        checkpoint = False if pipelined else zr.TrickleCheckpoint(pool_bytes=train_cfg.pool_bytes)
     dmodel = zr.parallelize(model, *strategies, runtime=runtime_cfg, checkpoint=checkpoint)
     if isinstance(dmodel, zr.DistributedModule):
         dmodel.track_data_position(lambda: loader.state().to_dict())
@@ -185,7 +189,8 @@ def train(
             dmodel.checkpoint()  # the last step too (a no-op if the schedule wrote it)
         state = dmodel.state_dict()
         val_loss = _validate(dmodel, corpus, model_cfg, train_cfg, val_batches)
-        recoveries = [asdict(r) for r in dmodel.recoveries]
+        events = [*dmodel.recoveries, *getattr(dmodel, "recovered_experts", [])]
+        recoveries = [_recovery_record(asdict(e)) for e in events]
     finally:
         dmodel.close()
     return TrainResult(
@@ -199,6 +204,35 @@ def train(
         resumed_from=resumed_from,
         recoveries=recoveries,
     )
+
+
+def _recovery_record(event: dict[str, Any]) -> dict[str, Any]:
+    """A recovery as the chaos report reads it (the fields of ``control.RecoveryEvent``), whatever
+    recovered: an expert unit replayed by the fault manager, a replica copied from a sibling, or the
+    shared expert units rolled back with the replicas redoing the step."""
+    if "restored_step" in event:
+        return event
+    if "sibling" in event:  # control.sibling_repair.ReplicaRecovery: no step redone, part of one replayed
+        step, restored, action = (
+            event["steps_applied"],
+            event["steps_applied"],
+            f"copying replica {event['sibling']}",
+        )
+    else:  # api.expert_units.ExpertRollback: the step in progress redone from the snapshot before it
+        restored = event["snapshot_step"]
+        step, action = restored + 1, "rolling the expert units back"
+    return {
+        "unit": event["unit"],
+        "kind": event["kind"],
+        "phase": event["phase"],
+        "step": step,
+        "action": action,
+        "node": None,
+        "restored_step": restored,
+        "redone_records": 0,
+        "recovery_s": event["recovery_s"],
+        "replayed_calls": event.get("replayed_calls", 0),
+    }
 
 
 def _strategies(t: TrainConfig) -> list[Any]:

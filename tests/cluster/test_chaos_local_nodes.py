@@ -67,3 +67,23 @@ def test_chaos_nodes_removes_a_worker_node_and_recovers_bitwise(no_cluster, tmp_
     assert report["bitwise_identical"] and report["chaos_sha256"] == report["fault_free_sha256"]
     assert "IDENTICAL" in printed
     assert not ray.is_initialized()  # the command shut its cluster down
+
+
+def test_chaos_kills_a_replica_and_a_shared_expert_unit_of_a_data_parallel_run_bitwise(
+    no_cluster, tmp_path, capsys
+):
+    config = tmp_path / "dp.toml"
+    config.write_text(Path(CONFIG).read_text().replace("[train]\n", "[train]\ndata_parallel = 2\n"))
+    out = tmp_path / "report.json"
+    args = ["chaos", "--config", str(config), "--data-dir", str(tmp_path / "corpus"), "--steps", "5"]
+    code = main([*args, "--kill", "unit:1:backward:1", "--kill", "unit:3:forward:3", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    report = json.loads(out.read_text())
+    assert [(f["step"], f["unit"]) for f in report["faults_injected"]] == [(1, 1), (3, 3)]
+    assert [(r["unit"], r["action"]) for r in report["recoveries"]] == [
+        (1, "copying replica 0"),  # a replica (units 0, 1) rebuilt from its sibling
+        (3, "rolling the expert units back"),  # an expert unit (units 2, 3) shared by both
+    ]
+    assert report["bitwise_identical"], printed
+    ray.shutdown()  # the command ran on an embedded cluster, which it leaves to the process

@@ -21,6 +21,7 @@ Ray is reached through ``api.cluster.init``, the slice (``placement.slices``) an
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Literal
 
 import numpy as np
@@ -29,7 +30,7 @@ from torch import nn
 
 from zetta_ray.actors.wire import tree_from_wire
 from zetta_ray.api.cluster import init
-from zetta_ray.api.expert_units import SharedExperts
+from zetta_ray.api.expert_units import ExpertRollback, SharedExperts
 from zetta_ray.api.lifetime import GroupModule
 from zetta_ray.api.mesh import DataParallel, ExpertParallel
 from zetta_ray.api.remote import RemoteLoss, RemoteOutput, split_batch
@@ -120,7 +121,7 @@ class DataParallelModule(GroupModule):
         self._forwards: list[Call] = []  # the last forward's calls
         self._passes = 0  # backward passes since the last zero_grad
         self._optimizer: ReplicatedOptimizer | None = None
-        self.recovered_experts: list[int] = []  # the expert units (as in ``units``) that failed, in order
+        self.recovered_experts: list[ExpertRollback] = []  # shared expert units rolled back, in order
         self._closed = False
 
     # -- what the training loop uses ----------------------------------------------------------------
@@ -178,8 +179,17 @@ class DataParallelModule(GroupModule):
     def _expert_failed(self, fault: UnitFault) -> None:
         """Expert unit ``fault.unit`` failed: every expert unit back to its last snapshot (the step's
         start), every replica redoes the step's calls (``SiblingRepair`` calls this too)."""
-        self.recovered_experts.append(self.world + fault.unit)
+        start = time.monotonic()
         self.group.rewind(self.experts.roll_back())
+        self.recovered_experts.append(
+            ExpertRollback(
+                unit=self.world + fault.unit,
+                phase=fault.phase,
+                kind=type(fault).__name__,
+                snapshot_step=self.experts.runtime.step,
+                recovery_s=time.monotonic() - start,
+            )
+        )
 
     def _zero_grad(self) -> None:
         self._passes = 0

@@ -16,6 +16,7 @@ Ray is reached through the slice, the runtime and ``calls.wait_for``; nothing he
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,19 @@ from zetta_ray.runtime.layout import Layout
 from zetta_ray.runtime.stages import start_pools
 from zetta_ray.runtime.unit_keeper import UnitKeeper
 
-__all__ = ["SharedExperts"]
+__all__ = ["ExpertRollback", "SharedExperts"]
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertRollback:
+    """A shared expert unit failed and every expert unit went back to a snapshot; the replicas redid
+    the step. ``unit`` is its index in ``dmodel.units``."""
+
+    unit: int
+    phase: str
+    kind: str  # the fault's class name
+    snapshot_step: int
+    recovery_s: float
 
 
 class SharedExperts:
