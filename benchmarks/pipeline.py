@@ -10,7 +10,10 @@ the mean over stages. The ideal 1F1B/GPipe bubble with equal stages and free tra
 Stages share this machine's cores: with more stages than cores the stages also wait for a core, which
 reads as bubble here; compare rows with P at most the core count, or run on a machine with P cores.
 
-    python benchmarks/pipeline.py [--stages 2 4] [--microbatches 4 8] [--steps 4]
+``--compare-snapshots`` also runs every row without the stages' per-step snapshots (``checkpoint=False``),
+in the order on, off, off, on, and each row reports ``step_s``, the training loop's step.
+
+    python benchmarks/pipeline.py [--stages 2 4] [--microbatches 4 8] [--steps 4] [--compare-snapshots]
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import json
 import os
 import statistics
+import time
 
 import torch
 
@@ -68,31 +72,39 @@ class Model(torch.nn.Module):
         return [self.embed, *self.blocks, self.head]
 
 
-def measure(stages: int, microbatches: int, d: int, blocks: int, tokens: int, steps: int) -> dict:
+def measure(
+    stages: int, microbatches: int, d: int, blocks: int, tokens: int, steps: int, snapshots: bool = True
+) -> dict:
     seq = 64
     g = torch.Generator().manual_seed(1)
     x, y = (torch.randint(0, VOCAB, (tokens // seq, seq), generator=g) for _ in range(2))
     strategy = zr.PipelineParallel(stages=stages, microbatches=microbatches)
     runtime = zr.RuntimeConfig(unit_num_cpus=min(1.0, (os.cpu_count() or 1) / stages))
-    bubbles, walls = [], []
-    with zr.parallelize(Model(d, blocks), strategy, runtime=runtime) as dmodel:
+    bubbles, walls, step_walls = [], [], []
+    checkpoint = None if snapshots else False  # None: the stages' trickle snapshots, on by default
+    with zr.parallelize(Model(d, blocks), strategy, runtime=runtime, checkpoint=checkpoint) as dmodel:
         opt = dmodel.optimizer(torch.optim.AdamW, lr=1e-3)
         for step in range(steps + 1):  # the first step warms up
+            start = time.perf_counter()
             opt.zero_grad()
             loss = dmodel(x, y)
             loss.backward()
             opt.step()
             loss.item()
-            timings = [s["timings"] for s in dmodel.unit_stats()]
+            step_wall = time.perf_counter() - start  # the loop's step (the last step's snapshot waits
+            timings = [s["timings"] for s in dmodel.unit_stats()]  # in the next step's forward)
             if step:
                 bubbles.append(statistics.mean(1 - t["busy_s"] / t["run_s"] for t in timings))
                 walls.append(max(t["run_s"] for t in timings))
+                step_walls.append(step_wall)
     ideal = (stages - 1) / (microbatches + stages - 1)
     bubble = statistics.median(bubbles)
     return {
         "stages": stages,
         "microbatches": microbatches,
+        "snapshots": snapshots,
         "run_s": round(statistics.median(walls), 4),
+        "step_s": round(statistics.median(step_walls), 4),
         "bubble": round(bubble, 3),
         "ideal_bubble": round(ideal, 3),
         "bubble_over_ideal": round(bubble / ideal, 2) if ideal else None,
@@ -109,11 +121,18 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument(
+        "--compare-snapshots",
+        action="store_true",
+        help="each row also without the stages' snapshots (checkpoint=False), in alternating order",
+    )
     args = parser.parse_args()
+    settings = [True, False, False, True] if args.compare_snapshots else [True]
     rows = [
-        measure(p, m, args.d_model, args.blocks, args.tokens, args.steps)
+        measure(p, m, args.d_model, args.blocks, args.tokens, args.steps, snapshots=on)
         for p in args.stages
         for m in args.microbatches
+        for on in settings
     ]
     print(
         json.dumps(
