@@ -34,8 +34,8 @@ from zetta_ray.placement.slices import Slice, reserve_slice
 from zetta_ray.runtime.calls import Call, wait_for
 from zetta_ray.runtime.engine import ExpertRuntime
 from zetta_ray.runtime.layout import Layout
-from zetta_ray.runtime.stages import start_pools
 from zetta_ray.runtime.unit_keeper import UnitKeeper
+from zetta_ray.runtime.unit_pools import start_pools
 
 __all__ = ["ExpertRollback", "SharedExperts"]
 
@@ -87,7 +87,9 @@ class SharedExperts:
         if trickle is not None:
             try:
                 nodes = {b.node_id for b in self.slice.units}
-                pools = start_pools(nodes, trickle.replicas, trickle.pool_bytes, cfg.start_deadline_s)
+                pools = start_pools(
+                    nodes, trickle.replicas, trickle.pool_bytes, cfg.start_deadline_s, "expert-pool"
+                )
             except BaseException:
                 self.close()
                 raise
@@ -157,7 +159,7 @@ class SharedExperts:
     def close(self) -> None:
         try:
             self.runtime.close()
-            if getattr(self, "keeper", None) is not None:
+            if self.keeper is not None:
                 self.keeper.close()
         finally:
             self.slice.remove()

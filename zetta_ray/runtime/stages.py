@@ -15,22 +15,19 @@ step whose snapshots every pool acknowledged (``base``) on. A dead or stalled st
 the group's supervisor (``control.stage_repair``): the whole pipeline goes back to ``base`` and the
 journal is replayed, so the loop sees nothing. Without pools a stage that dies is a named
 ``UnitFailed`` / ``DeadlineExceeded`` at the next wait.
-Touches Ray: actor and pool start (``.remote``), ``ray.put`` of each stage's layers, ``ray.get`` of the
-pools' acknowledgements, ``ray.kill``.
+Touches Ray: actor start (``.remote``), ``ray.put`` of each stage's layers, ``ray.kill``; the pools
+through ``unit_pools.py``.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from torch import nn
 
-from zetta_ray.actors.memory_pool import MemoryPoolActor
 from zetta_ray.actors.pipeline_stage import PipelineStageActor, schedule
 from zetta_ray.checkpoint import TrickleCheckpoint
 from zetta_ray.config import RuntimeConfig
@@ -38,10 +35,9 @@ from zetta_ray.experts.moe import MoELayer
 from zetta_ray.runtime.calls import Call, read_quietly
 from zetta_ray.runtime.groups import ActorGroup
 from zetta_ray.runtime.replicas import Entry
+from zetta_ray.runtime.unit_pools import start_pools, unkept
 
-__all__ = ["StageGroup", "start_pools"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["StageGroup"]
 
 Parts = list[tuple[list[Any], dict[str, Any]]]  # a run's micro-batches, each ([x, y], {})
 
@@ -202,20 +198,9 @@ class StageGroup(ActorGroup):
         self.stale = read_quietly(self.stale, 0)
 
     def _held(self, entry: Entry) -> bool:
+        """Whether a pool kept every stage's snapshot of ``entry`` (replicas but 0 send none)."""
         acks = self.wait(entry.calls)  # each stage's list of its pools' acknowledgement refs
-        for s, refs in enumerate(acks):
-            if not refs:
-                continue  # a replica's stage other than replica 0's: its column keeps one copy
-            held = 0
-            for pool, ref in zip(self.pools, refs, strict=True):
-                try:
-                    ray.get(ref, timeout=self.cfg.deadline_s)
-                    held += 1
-                except (ray.exceptions.RayError, MemoryError) as e:
-                    logger.warning("stage %d: pool %s did not keep its snapshot: %s", s, pool, e)
-            if not held:
-                return False
-        return True
+        return not unkept(acks, self.cfg.deadline_s, f"the snapshot of step {entry.args[0][0]}")
 
     def restart(self, u: int) -> Any:
         """Kill unit ``u`` (if it still runs) and start a new one in its place; returns it."""
@@ -234,23 +219,3 @@ class StageGroup(ActorGroup):
         for pool in self.pools:
             ray.kill(pool, no_restart=True)
         self.pools = []
-
-
-def start_pools(avoid: set[str], replicas: int, pool_bytes: int, deadline_s: float) -> list[Any]:
-    """``replicas`` MemoryPool actors for a pipeline's snapshots, on distinct live nodes outside
-    ``avoid`` (the stages' nodes) when there are such nodes, else on the stages' own nodes (a snapshot
-    then outlives a stage, not its node); started and answering within ``deadline_s``."""
-    alive = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
-    nodes = ([n for n in alive if n not in avoid] or alive)[:replicas]
-    if len(nodes) < replicas and len(alive) > 1:  # on one node there is no other place to be
-        logger.warning(
-            "pipeline snapshots: %d pool(s) on distinct nodes, not the %d asked", len(nodes), replicas
-        )
-    pools = [
-        MemoryPoolActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
-            pool_bytes, f"stage-pool-{node[:8]}"
-        )
-        for node in nodes
-    ]
-    ray.get([p.ping.remote() for p in pools], timeout=deadline_s)
-    return pools

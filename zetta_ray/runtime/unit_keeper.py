@@ -14,7 +14,6 @@ Touches Ray: ``.remote`` calls to the units and pools, ``ray.wait`` / ``ray.kill
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import ray
@@ -22,10 +21,9 @@ import ray
 from zetta_ray.errors import RecoveryFailed, UnitFault
 from zetta_ray.runtime.calls import Call, wait_for
 from zetta_ray.runtime.engine import ExpertRuntime
+from zetta_ray.runtime.unit_pools import unkept
 
 __all__ = ["UnitKeeper"]
-
-logger = logging.getLogger(__name__)
 
 _PING_S = 5.0  # a unit that does not answer a ping in this long is taken for dead
 
@@ -56,18 +54,9 @@ class UnitKeeper:
             return
         step, calls = self._pending
         acks = wait_for(calls, deadline_s)
-        for u, refs in enumerate(acks):
-            held = 0
-            for ref in refs:
-                try:
-                    ray.get(ref, timeout=deadline_s)
-                    held += 1
-                except (ray.exceptions.RayError, MemoryError) as e:
-                    logger.warning(
-                        "expert unit %d: a pool did not keep its snapshot of step %d: %s", u, step, e
-                    )
-            if not held:
-                raise RecoveryFailed(f"no pool kept expert unit {u}'s snapshot of step {step}")
+        missing = unkept(acks, deadline_s, f"the expert snapshot of step {step}")
+        if missing:
+            raise RecoveryFailed(f"no pool kept expert units {missing}' snapshots of step {step}")
         self._pending = None
         self.base = step
 
