@@ -18,7 +18,7 @@ gradients at each step; every replica's stage ``s`` restores the one snapshot of
 5. ``replay``: every journaled call is sent again to every stage, each run with its micro-batches fed
    again, and the journal's ``Call``s now point at the new results.
 
-Runs draw dropout from (seed, stage, run, micro-batch), so a replayed run computes bitwise what the
+Runs draw dropout from (seed, replica, stage, run, micro-batch), so a replayed run computes bitwise what the
 original did and the final state is the fault-free one (tests/ray/test_pipeline_faults.py). The live
 stages redo the step too: that is the price of a recovery that needs no copy of activations.
 """
@@ -73,12 +73,7 @@ class StageRepair:
             wait_for(setup, group.cfg.start_deadline_s)
         # live stages restore after the calls queued before the fault: they run (aborted) and are redone
         wait_for(group.each("restore_from", "control", group.base, group.pools), 2 * group.cfg.deadline_s)
-        for entry in group.journal:
-            if entry.method == "run":
-                group.feed(entry.args[0][0], group.feeds[entry.args[0][0]])
-            for call in entry.calls:
-                group.stale.append(call.ref)  # an aborted call's error, read later (not logged by Ray)
-                group.resend(call)
+        group.replay()
         self.events.append(
             StageRecovery(
                 unit=fault.unit,

@@ -192,6 +192,18 @@ class StageGroup(ActorGroup):
                     pool.drop_before.remote(f"stage-{s}", step)
         self.base = step
 
+    def replay(self) -> None:
+        """Send every journaled call again to every stage (restored to ``base``), each run with its
+        micro-batches fed again; the journal's ``Call``s point at the new results, and the old results
+        (an aborted run's error) are read later by ``settle``."""
+        for entry in self.journal:
+            if entry.method == "run":
+                run = entry.args[0][0]
+                self.feed(run, self.feeds[run])
+            for call in entry.calls:
+                self.stale.append(call.ref)
+                self.resend(call)
+
     def _drop_stale(self) -> None:
         """Read the finished results of calls a recovery redid (an aborted run's ``RunAborted``), so that
         Ray does not report them as unhandled errors; the unfinished ones are read next time."""
