@@ -92,13 +92,8 @@ class PipelineModule(GroupModule):
         layers = _pipeline_layers(module, self.stages)
         runs = split_stages(len(layers), self.stages)
         self._keys = list(module.state_dict().keys())
-        init()
-        if experts is not None:  # the experts go to units of their own, which the stages call
-            dense = self.stages * self.replicas
-            self.experts = SharedExperts(module, experts, self.replicas, self.runtime_config, placer, dense)
-        self._where = _key_map(module, layers, runs)  # model key -> (stage, stage key), experts not
         units = self.stages * self.replicas
-        mesh_units = units + (len(self.experts.runtime.units) if self.experts is not None else 0)
+        mesh_units = units + (experts.degree if experts is not None else 0)
         cpus = self.runtime_config.unit_num_cpus
         request = slice or SliceRequest(units=units, unit_cpus=cpus, mesh_units=mesh_units)
         if request.units != units:
@@ -107,8 +102,12 @@ class PipelineModule(GroupModule):
                 f"{self.stages}) x DataParallel(degree={self.replicas}); a slice holds one unit per "
                 f"stage of each replica: units={units}"
             )
+        init()
+        if experts is not None:  # the experts go to units of their own, which the stages call
+            self.experts = SharedExperts(module, experts, self.replicas, self.runtime_config, placer, units)
         spread = self.replicas > 1  # replicas in different failure domains, each one's stages packed
         try:
+            self._where = _key_map(module, layers, runs)  # model key -> (stage, stage key), experts not
             self._slice: Slice = reserve_replica_slice(request, placer, spread=spread, group=self.stages)
         except BaseException:
             self._close_experts()
